@@ -1,0 +1,27 @@
+"""PixelCNN++ (Salimans et al. 2017) for TensorFlow 2 with Keras 3.
+
+Public API:
+  PixelCNNPP                       the network (a gin-configurable keras.Model)
+  unpack_params                    raw outputs -> logits, means, log_scales, coeffs
+  mixture_log_prob                 exact log-likelihood in nats per image
+  mixture_sample                   one sample per pixel, on the b-bit grid
+  bits_per_dim                     nats per image -> bits per sub-pixel
+"""
+
+from pixelcnn.likelihood import (
+    bits_per_dim,
+    mixture_log_prob,
+    mixture_sample,
+    num_params,
+    unpack_params,
+)
+from pixelcnn.model import PixelCNNPP
+
+__all__ = [
+    "PixelCNNPP",
+    "bits_per_dim",
+    "mixture_log_prob",
+    "mixture_sample",
+    "num_params",
+    "unpack_params",
+]

@@ -1,0 +1,265 @@
+"""Building blocks of PixelCNN++: weight-normalised shifted convolutions and gated resnets.
+
+Every convolution here is weight-normalised (Salimans & Kingma 2016): the kernel is
+``g * v / ||v||`` with the norm taken per output unit, and a bias ``b`` is added. A call
+with ``init=True`` performs the data-dependent initialisation of the authors' code: it
+sets ``g`` and ``b`` so that, on the batch given, each output unit's pre-activation has
+mean 0 and standard deviation ``init_scale``.
+
+Shifts keep the network causal in raster order (rows top to bottom, pixels left to right):
+
+* ``"down"``: the output at (i, j) sees input rows <= i (kernel [2, 3] in the paper):
+  pad ``kh - 1`` rows on top and ``(kw - 1) // 2`` columns on each side, VALID conv.
+* ``"down_right"``: the output at (i, j) sees rows < i and row i up to column j
+  (kernel [2, 2]): pad ``kh - 1`` rows on top and ``kw - 1`` columns on the left.
+* ``None``: no padding (the 1x1 "network in network" layers).
+
+Tensors are NHWC. Variables are float32; computation runs in the layer's compute dtype
+(float32 or bfloat16 under a Keras mixed-precision policy).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+SHIFTS = ("down", "down_right", None)
+
+
+def down_shift(x: tf.Tensor) -> tf.Tensor:
+    """Moves a [B, H, W, C] map one row down, filling the top row with zeros."""
+    return tf.pad(x[:, :-1], [[0, 0], [1, 0], [0, 0], [0, 0]])
+
+
+def right_shift(x: tf.Tensor) -> tf.Tensor:
+    """Moves a [B, H, W, C] map one column right, filling the left column with zeros."""
+    return tf.pad(x[:, :, :-1], [[0, 0], [0, 0], [1, 0], [0, 0]])
+
+
+def concat_elu(x: tf.Tensor) -> tf.Tensor:
+    """elu(concat(x, -x)) on the channel axis: doubles the channel count."""
+    return tf.nn.elu(tf.concat([x, -x], axis=-1))
+
+
+def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[int]]:
+    """The NHWC padding that makes a VALID convolution with this kernel causal."""
+    kh, kw = kernel_size
+    if shift == "down":
+        if kw % 2 != 1:
+            raise ValueError(f"a down-shifted conv needs an odd kernel width, got {kernel_size}")
+        return [[0, 0], [kh - 1, 0], [(kw - 1) // 2, (kw - 1) // 2], [0, 0]]
+    if shift == "down_right":
+        return [[0, 0], [kh - 1, 0], [kw - 1, 0], [0, 0]]
+    if shift is None:
+        if (kh, kw) != (1, 1):
+            raise ValueError(f"an unshifted conv must be 1x1, got {kernel_size}")
+        return [[0, 0], [0, 0], [0, 0], [0, 0]]
+    raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+
+
+class _WeightNorm(keras.layers.Layer):
+    """Shared weight-norm machinery: direction ``v``, per-unit scale ``g``, bias ``b``.
+
+    Subclasses define ``_apply(x, kernel)`` (the linear map without bias),
+    ``_unit_kernel()`` (v / ||v||) and ``_kernel()`` (g * v / ||v||).
+    """
+
+    def __init__(self, filters: int, init_scale: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.filters = int(filters)
+        self.init_scale = float(init_scale)
+
+    def _make_weights(self, v_shape: tuple[int, ...]) -> None:
+        self.v = self.add_weight(
+            name="v",
+            shape=v_shape,
+            initializer=keras.initializers.RandomNormal(0.0, 0.05),
+        )
+        self.g = self.add_weight(name="g", shape=(self.filters,), initializer="ones")
+        self.b = self.add_weight(name="b", shape=(self.filters,), initializer="zeros")
+
+    def _direction(self, norm_axes: list[int]) -> tf.Tensor:
+        v = tf.convert_to_tensor(self.v)
+        return v * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=norm_axes, keepdims=True))
+
+    def preactivation(self, x: tf.Tensor) -> tf.Tensor:
+        """The layer's output on an already padded/windowed input (no padding here)."""
+        kernel = tf.cast(self._kernel(), self.compute_dtype)
+        y = self._apply(tf.cast(x, self.compute_dtype), kernel)
+        return y + tf.cast(self.b, self.compute_dtype)
+
+    def _initialise(self, x: tf.Tensor, crop=lambda t: t) -> tf.Tensor:
+        """Data-dependent init on this batch; returns the initialised output.
+
+        ``crop`` selects the outputs the network uses, so the statistics are theirs.
+        """
+        t = crop(self._apply(tf.cast(x, tf.float32), self._unit_kernel()))
+        mean, var = tf.nn.moments(t, axes=list(range(len(t.shape) - 1)))
+        # Units that do not depend on the data (row 0 of the u stream sees only padding,
+        # and at a one-row resolution that is the whole map) keep g = init_scale:
+        # dividing by a zero variance would amplify rounding noise without bound.
+        scale = tf.where(var > 1e-8, self.init_scale * tf.math.rsqrt(var + 1e-10), self.init_scale)
+        self.g.assign(scale)
+        self.b.assign(-mean * scale)
+        return tf.cast((t - mean) * scale, self.compute_dtype)
+
+
+class WeightNormConv2D(_WeightNorm):
+    """A weight-normalised conv with causal padding chosen by ``shift``.
+
+    Args:
+      filters: output channels.
+      kernel_size: (kh, kw).
+      shift: "down", "down_right" or None (1x1 only), see the module docstring.
+      strides: 1 or 2 (2 halves H and W, rounding up).
+      init_scale: std of the pre-activations after data-dependent init.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: tuple[int, int] = (1, 1),
+        shift: str | None = None,
+        strides: int = 1,
+        init_scale: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(filters, init_scale, **kwargs)
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.shift = shift
+        self.strides = int(strides)
+        self.padding = shift_padding(shift, self.kernel_size)
+
+    def build(self, input_shape):
+        self._make_weights((*self.kernel_size, int(input_shape[-1]), self.filters))
+
+    def _unit_kernel(self) -> tf.Tensor:
+        return self._direction([0, 1, 2])
+
+    def _kernel(self) -> tf.Tensor:
+        return self._unit_kernel() * self.g
+
+    def _apply(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        if self.kernel_size == (1, 1) and self.strides == 1:
+            return tf.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
+        return tf.nn.conv2d(x, kernel, strides=self.strides, padding="VALID")
+
+    def pad(self, x: tf.Tensor) -> tf.Tensor:
+        if self.shift is None:
+            return x
+        return tf.pad(x, self.padding)
+
+    def call(self, x: tf.Tensor, init: bool = False) -> tf.Tensor:
+        x = self.pad(x)
+        if init:
+            return self._initialise(x)
+        return self.preactivation(x)
+
+
+class WeightNormConv2DTranspose(_WeightNorm):
+    """A weight-normalised stride-2 transposed conv that doubles H and W causally.
+
+    The output is cropped as in the authors' code (drop the last ``kh - 1`` rows; for
+    "down" drop ``(kw - 1) // 2`` columns each side, for "down_right" the last
+    ``kw - 1`` columns) and then to ``target_hw``, so odd sizes invert the stride-2
+    convs that round up.
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: tuple[int, int],
+        shift: str,
+        init_scale: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(filters, init_scale, **kwargs)
+        if shift not in ("down", "down_right"):
+            raise ValueError(f"a transposed conv must be shifted, got shift={shift!r}")
+        self.kernel_size = tuple(int(k) for k in kernel_size)
+        self.shift = shift
+
+    def build(self, input_shape):
+        # conv2d_transpose kernels are [kh, kw, out, in].
+        self._make_weights((*self.kernel_size, self.filters, int(input_shape[-1])))
+
+    def _unit_kernel(self) -> tf.Tensor:
+        return self._direction([0, 1, 3])
+
+    def _kernel(self) -> tf.Tensor:
+        return self._unit_kernel() * self.g[:, None]
+
+    def _apply(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        kh, kw = self.kernel_size
+        shape = tf.shape(x)
+        out_shape = tf.stack([shape[0], 2 * shape[1] + kh - 1, 2 * shape[2] + kw - 1, self.filters])
+        y = tf.nn.conv2d_transpose(x, kernel, out_shape, strides=2, padding="VALID")
+        rows = 2 * shape[1]
+        cols = 2 * shape[2]
+        left = (kw - 1) // 2 if self.shift == "down" else 0
+        return y[:, :rows, left : left + cols]
+
+    def call(self, x: tf.Tensor, target_hw: tuple[int, int], init: bool = False) -> tf.Tensor:
+        h, w = target_hw
+
+        def crop(y):
+            return y[:, :h, :w]
+
+        if init:
+            return self._initialise(x, crop)
+        return crop(self.preactivation(x))
+
+
+class GatedResnet(keras.layers.Layer):
+    """The authors' gated resnet block.
+
+    c = conv(f(x)); c += nin(f(a)) if a is given; c = f(c); dropout(c);
+    c = conv(c, 2 * filters, init_scale=0.1); c += W h if h is given;
+    return x + c[..., :F] * sigmoid(c[..., F:]), with f = concat_elu.
+
+    ``shift`` selects the conv: "down" (kernel [2, 3], the u stream) or "down_right"
+    (kernel [2, 2], the ul stream).
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        shift: str,
+        has_aux: bool,
+        num_classes: int | None,
+        dropout_rate: float,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        kernel = (2, 3) if shift == "down" else (2, 2)
+        self.filters = int(filters)
+        self.conv1 = WeightNormConv2D(filters, kernel, shift, name="conv1")
+        self.nin_aux = WeightNormConv2D(filters, name="nin_aux") if has_aux else None
+        self.dropout = keras.layers.Dropout(dropout_rate)
+        self.conv2 = WeightNormConv2D(2 * filters, kernel, shift, init_scale=0.1, name="conv2")
+        # The authors project the label with a plain matrix (no weight norm, no bias).
+        self.label_proj = (
+            keras.layers.Dense(
+                2 * filters,
+                use_bias=False,
+                kernel_initializer=keras.initializers.RandomNormal(0.0, 0.05),
+                name="label_proj",
+            )
+            if num_classes
+            else None
+        )
+
+    def call(self, x, a=None, h=None, training=False, init=False):
+        c = self.conv1(concat_elu(x), init=init)
+        if self.nin_aux is not None:
+            c = c + self.nin_aux(concat_elu(a), init=init)
+        c = self.dropout(concat_elu(c), training=training)
+        c = self.conv2(c, init=init)
+        return self.gate(x, c, h)
+
+    def gate(self, x, c, h=None):
+        """x + p * sigmoid(q) where (p, q) = c (+ W h) split on channels."""
+        if self.label_proj is not None:
+            c = c + self.label_proj(h)[:, None, None, :]
+        p, q = tf.split(c, 2, axis=-1)
+        return x + p * tf.sigmoid(q)

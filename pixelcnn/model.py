@@ -1,0 +1,236 @@
+"""PixelCNN++ (Salimans et al. 2017): the two shifted streams, skips and resolutions."""
+
+from __future__ import annotations
+
+import inspect
+
+import gin
+import keras
+import tensorflow as tf
+
+from pixelcnn import likelihood
+from pixelcnn.layers import (
+    GatedResnet,
+    WeightNormConv2D,
+    WeightNormConv2DTranspose,
+    down_shift,
+    right_shift,
+)
+
+
+def downsampled_sizes(height: int, width: int, resolutions: int) -> list[tuple[int, int]]:
+    """(H, W) at each resolution; every stride-2 conv rounds up, so odd sizes work."""
+    sizes = [(height, width)]
+    for _ in range(resolutions - 1):
+        h, w = sizes[-1]
+        sizes.append(((h + 1) // 2, (w + 1) // 2))
+    return sizes
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"PixelCNNPP: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@gin.configurable
+class PixelCNNPP(keras.Model):
+    """PixelCNN++ over images of shape ``image_shape = (H, W, C)``.
+
+    The network follows the authors' ``model_spec`` (openai/pixel-cnn): the input gets a
+    channel of ones, the "u" stream sees the rows above and the "ul" stream the rows above
+    plus the pixels to the left; the first half runs ``residual_layers_per_block`` gated
+    resnets at each of ``residual_blocks`` resolutions and pushes every output on a stack,
+    the second half pops them as skip inputs. Stride-2 convs round sizes up and the
+    transposed convs crop back, so any H, W >= 1 works with any number of resolutions.
+
+    Args:
+      image_shape: (H, W, C), any H, W >= 1 and C >= 1.
+      residual_blocks: number of resolutions (3 in the paper), >= 1.
+      residual_layers_per_block: gated resnets per resolution (nr_resnet, 5 in the paper).
+      filters: channels of both streams (160 in the paper).
+      num_mixtures: logistic mixture components (10 in the paper).
+      dropout_rate: dropout inside the gated resnets during training.
+      num_classes: if set, the model is class-conditional: the one-hot label enters
+        every gated resnet.
+      num_bits: bits per sub-pixel (8 for ordinary images).
+
+    Calling ``model(images, labels=None, training=False)`` on float32 [B, H, W, C] in
+    [-1, 1] returns the raw mixture parameters [B, H, W, P] in float32, P =
+    ``num_params``; see ``pixelcnn.likelihood.unpack_params`` for their layout.
+    """
+
+    def __init__(
+        self,
+        image_shape=(32, 32, 3),
+        residual_blocks: int = 3,
+        residual_layers_per_block: int = 5,
+        filters: int = 160,
+        num_mixtures: int = 10,
+        dropout_rate: float = 0.5,
+        num_classes: int | None = None,
+        num_bits: int = 8,
+        name: str = "pixelcnnpp",
+        dtype=None,
+    ):
+        # No **kwargs: gin must be able to reject a misspelt binding.
+        super().__init__(name=name, dtype=dtype)
+        image_shape = tuple(image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(
+                f"PixelCNNPP: image_shape must be (height, width, channels), got {image_shape!r}; "
+                "use (H, W, 1) for grayscale"
+            )
+        for axis, size in zip(("height", "width", "channels"), image_shape):
+            _check_positive_int(f"image_shape {axis}", size)
+        _check_positive_int("residual_blocks", residual_blocks)
+        _check_positive_int("residual_layers_per_block", residual_layers_per_block, 0)
+        _check_positive_int("filters", filters)
+        _check_positive_int("num_mixtures", num_mixtures)
+        _check_positive_int("num_bits", num_bits)
+        if num_bits > 16:
+            raise ValueError(f"PixelCNNPP: num_bits must be <= 16, got {num_bits}")
+        if num_classes is not None:
+            _check_positive_int("num_classes", num_classes)
+        if not 0.0 <= float(dropout_rate) < 1.0:
+            raise ValueError(f"PixelCNNPP: dropout_rate must be in [0, 1), got {dropout_rate!r}")
+
+        self.image_shape = image_shape
+        self.residual_blocks = residual_blocks
+        self.residual_layers_per_block = residual_layers_per_block
+        self.filters = filters
+        self.num_mixtures = num_mixtures
+        self.dropout_rate = float(dropout_rate)
+        self.num_classes = num_classes
+        self.num_bits = num_bits
+        self.num_channels = image_shape[-1]
+        self.num_params = likelihood.num_params(self.num_channels, num_mixtures)
+        self.sizes = downsampled_sizes(image_shape[0], image_shape[1], residual_blocks)
+
+        nr = residual_layers_per_block
+
+        def resnet(shift, has_aux, name):
+            return GatedResnet(filters, shift, has_aux, num_classes, dropout_rate, name=name)
+
+        # First layers: u = down_shift(conv[2,3](x)); ul = down_shift(conv[1,3](x)) +
+        # right_shift(down_right_conv[2,1](x)).
+        self.first_u = WeightNormConv2D(filters, (2, 3), "down", name="first_u")
+        self.first_ul_above = WeightNormConv2D(filters, (1, 3), "down", name="first_ul_above")
+        self.first_ul_left = WeightNormConv2D(filters, (2, 1), "down_right", name="first_ul_left")
+
+        # First half ("up pass" in the authors' code): resnets, then a stride-2 conv.
+        self.up_u, self.up_ul, self.halve_u, self.halve_ul = [], [], [], []
+        for r in range(residual_blocks):
+            self.up_u.append([resnet("down", False, f"up_u_{r}_{i}") for i in range(nr)])
+            self.up_ul.append([resnet("down_right", True, f"up_ul_{r}_{i}") for i in range(nr)])
+            if r + 1 < residual_blocks:
+                self.halve_u.append(
+                    WeightNormConv2D(filters, (2, 3), "down", 2, name=f"halve_u_{r}")
+                )
+                self.halve_ul.append(
+                    WeightNormConv2D(filters, (2, 2), "down_right", 2, name=f"halve_ul_{r}")
+                )
+
+        # Second half ("down pass"): from the lowest resolution back up; nr resnets at the
+        # lowest resolution and nr + 1 at the others, so every pushed tensor is consumed.
+        self.down_u, self.down_ul, self.double_u, self.double_ul = [], [], [], []
+        for k, r in enumerate(reversed(range(residual_blocks))):
+            n = nr if k == 0 else nr + 1
+            self.down_u.append([resnet("down", True, f"down_u_{r}_{i}") for i in range(n)])
+            self.down_ul.append([resnet("down_right", True, f"down_ul_{r}_{i}") for i in range(n)])
+            if r > 0:
+                self.double_u.append(
+                    WeightNormConv2DTranspose(filters, (2, 3), "down", name=f"double_u_{r}")
+                )
+                self.double_ul.append(
+                    WeightNormConv2DTranspose(filters, (2, 2), "down_right", name=f"double_ul_{r}")
+                )
+
+        self.out_nin = WeightNormConv2D(self.num_params, name="out_nin")
+
+    # ------------------------------------------------------------------ forward pass
+    def one_hot(self, labels):
+        """[B] int labels -> [B, num_classes] float, or None for unconditional models."""
+        if self.num_classes is None:
+            return None
+        if labels is None:
+            raise ValueError(
+                f"this model is class-conditional (num_classes={self.num_classes}): pass labels"
+            )
+        return tf.one_hot(tf.cast(labels, tf.int32), self.num_classes, dtype=self.compute_dtype)
+
+    def call(self, images, labels=None, training=False, init=False):
+        """images: float [B, H, W, C] in [-1, 1]; labels: int [B] or None.
+
+        Returns float32 mixture parameters [B, H, W, num_params].
+        """
+        x = tf.cast(images, self.compute_dtype)
+        h = self.one_hot(labels)
+        x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # the extra ones channel
+
+        u = down_shift(self.first_u(x, init=init))
+        ul = down_shift(self.first_ul_above(x, init=init)) + right_shift(
+            self.first_ul_left(x, init=init)
+        )
+        us, uls = [u], [ul]
+        for r in range(self.residual_blocks):
+            for u_block, ul_block in zip(self.up_u[r], self.up_ul[r]):
+                u = u_block(u, h=h, training=training, init=init)
+                ul = ul_block(ul, a=u, h=h, training=training, init=init)
+                us.append(u)
+                uls.append(ul)
+            if r + 1 < self.residual_blocks:
+                u = self.halve_u[r](u, init=init)
+                ul = self.halve_ul[r](ul, init=init)
+                us.append(u)
+                uls.append(ul)
+
+        u, ul = us.pop(), uls.pop()
+        for k, r in enumerate(reversed(range(self.residual_blocks))):
+            if k > 0:
+                u = self.double_u[k - 1](u, target_hw=self.sizes[r], init=init)
+                ul = self.double_ul[k - 1](ul, target_hw=self.sizes[r], init=init)
+            for u_block, ul_block in zip(self.down_u[k], self.down_ul[k]):
+                u = u_block(u, a=us.pop(), h=h, training=training, init=init)
+                ul = ul_block(
+                    ul, a=tf.concat([u, uls.pop()], axis=-1), h=h, training=training, init=init
+                )
+        assert not us and not uls, "every skip connection must be consumed"
+        return tf.cast(self.out_nin(tf.nn.elu(ul), init=init), tf.float32)
+
+    # ------------------------------------------------------------------ conveniences
+    def initialize(self, images, labels=None):
+        """Data-dependent init of every weight-normalised layer on one batch.
+
+        images: float [B, H, W, C] in [-1, 1]. Run it once, before training (never on
+        resume). Unlike the authors' code, dropout is off in this pass, so the init is
+        deterministic and the statistics hold exactly for the inference network.
+        Under a tf.distribute strategy call it in cross-replica context (inside
+        ``strategy.scope()``, outside ``strategy.run``).
+        """
+        return self(images, labels, training=False, init=True)
+
+    def log_prob(self, images, labels=None, training: bool = False):
+        """Log-likelihood in nats [B] of integer images [B, H, W, C] in [0, 2**num_bits)."""
+        images = tf.convert_to_tensor(images)
+        likelihood.check_integer_images(images, self.image_shape, self.num_bits)
+        x = likelihood.to_unit_range(images, self.num_bits)
+        params = self(x, labels, training=training)
+        return likelihood.mixture_log_prob(x, params, self.num_bits, validate=False)
+
+    def config_summary(self) -> dict:
+        return {
+            "image_shape": list(self.image_shape),
+            "residual_blocks": self.residual_blocks,
+            "residual_layers_per_block": self.residual_layers_per_block,
+            "filters": self.filters,
+            "num_mixtures": self.num_mixtures,
+            "dropout_rate": self.dropout_rate,
+            "num_classes": self.num_classes,
+            "num_bits": self.num_bits,
+        }
+
+
+# gin wraps __init__ as (*args, **kwargs); Keras inspects the constructor's argspec to
+# record its config, so give the wrapper the real signature back.
+PixelCNNPP.__init__.__signature__ = inspect.signature(PixelCNNPP.__init__.__wrapped__)

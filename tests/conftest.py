@@ -1,0 +1,22 @@
+"""Test setup: quiet TensorFlow, and two logical CPU devices for the mirrored tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(
+        _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+    )
+except RuntimeError:  # already initialised by an earlier import; keep what is there
+    pass
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
