@@ -81,7 +81,7 @@ class PixelCNNPP(keras.Model):
                 f"PixelCNNPP: image_shape must be (height, width, channels), got {image_shape!r}; "
                 "use (H, W, 1) for grayscale"
             )
-        for axis, size in zip(("height", "width", "channels"), image_shape):
+        for axis, size in zip(("height", "width", "channels"), image_shape, strict=True):
             _check_positive_int(f"image_shape {axis}", size)
         _check_positive_int("residual_blocks", residual_blocks)
         _check_positive_int("residual_layers_per_block", residual_layers_per_block, 0)
@@ -174,7 +174,7 @@ class PixelCNNPP(keras.Model):
         )
         us, uls = [u], [ul]
         for r in range(self.residual_blocks):
-            for u_block, ul_block in zip(self.up_u[r], self.up_ul[r]):
+            for u_block, ul_block in zip(self.up_u[r], self.up_ul[r], strict=True):
                 u = u_block(u, h=h, training=training, init=init)
                 ul = ul_block(ul, a=u, h=h, training=training, init=init)
                 us.append(u)
@@ -190,7 +190,7 @@ class PixelCNNPP(keras.Model):
             if k > 0:
                 u = self.double_u[k - 1](u, target_hw=self.sizes[r], init=init)
                 ul = self.double_ul[k - 1](ul, target_hw=self.sizes[r], init=init)
-            for u_block, ul_block in zip(self.down_u[k], self.down_ul[k]):
+            for u_block, ul_block in zip(self.down_u[k], self.down_ul[k], strict=True):
                 u = u_block(u, a=us.pop(), h=h, training=training, init=init)
                 ul = ul_block(
                     ul, a=tf.concat([u, uls.pop()], axis=-1), h=h, training=training, init=init
