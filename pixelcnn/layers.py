@@ -65,7 +65,9 @@ class _WeightNorm(keras.layers.Layer):
     """
 
     def __init__(self, filters: int, init_scale: float = 1.0, **kwargs):
-        super().__init__(**kwargs)
+        # No autocast: the kernel is normalised in float32 and cast once to the compute
+        # dtype, rather than normalised in bfloat16 under a mixed policy.
+        super().__init__(autocast=False, **kwargs)
         self.filters = int(filters)
         self.init_scale = float(init_scale)
 
@@ -233,16 +235,20 @@ class GatedResnet(keras.layers.Layer):
         super().__init__(**kwargs)
         kernel = (2, 3) if shift == "down" else (2, 2)
         self.filters = int(filters)
-        self.conv1 = WeightNormConv2D(filters, kernel, shift, name="conv1")
-        self.nin_aux = WeightNormConv2D(filters, name="nin_aux") if has_aux else None
-        self.dropout = keras.layers.Dropout(dropout_rate)
-        self.conv2 = WeightNormConv2D(2 * filters, kernel, shift, init_scale=0.1, name="conv2")
+        policy = self.dtype_policy
+        self.conv1 = WeightNormConv2D(filters, kernel, shift, dtype=policy, name="conv1")
+        self.nin_aux = WeightNormConv2D(filters, dtype=policy, name="nin_aux") if has_aux else None
+        self.dropout = keras.layers.Dropout(dropout_rate, dtype=policy)
+        self.conv2 = WeightNormConv2D(
+            2 * filters, kernel, shift, init_scale=0.1, dtype=policy, name="conv2"
+        )
         # The authors project the label with a plain matrix (no weight norm, no bias).
         self.label_proj = (
             keras.layers.Dense(
                 2 * filters,
                 use_bias=False,
                 kernel_initializer=keras.initializers.RandomNormal(0.0, 0.05),
+                dtype=policy,
                 name="label_proj",
             )
             if num_classes

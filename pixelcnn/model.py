@@ -108,15 +108,22 @@ class PixelCNNPP(keras.Model):
         self.sizes = downsampled_sizes(image_shape[0], image_shape[1], residual_blocks)
 
         nr = residual_layers_per_block
+        policy = self.dtype_policy  # e.g. "mixed_bfloat16": every sublayer computes in it
 
         def resnet(shift, has_aux, name):
-            return GatedResnet(filters, shift, has_aux, num_classes, dropout_rate, name=name)
+            return GatedResnet(
+                filters, shift, has_aux, num_classes, dropout_rate, dtype=policy, name=name
+            )
 
         # First layers: u = down_shift(conv[2,3](x)); ul = down_shift(conv[1,3](x)) +
         # right_shift(down_right_conv[2,1](x)).
-        self.first_u = WeightNormConv2D(filters, (2, 3), "down", name="first_u")
-        self.first_ul_above = WeightNormConv2D(filters, (1, 3), "down", name="first_ul_above")
-        self.first_ul_left = WeightNormConv2D(filters, (2, 1), "down_right", name="first_ul_left")
+        self.first_u = WeightNormConv2D(filters, (2, 3), "down", dtype=policy, name="first_u")
+        self.first_ul_above = WeightNormConv2D(
+            filters, (1, 3), "down", dtype=policy, name="first_ul_above"
+        )
+        self.first_ul_left = WeightNormConv2D(
+            filters, (2, 1), "down_right", dtype=policy, name="first_ul_left"
+        )
 
         # First half ("up pass" in the authors' code): resnets, then a stride-2 conv.
         self.up_u, self.up_ul, self.halve_u, self.halve_ul = [], [], [], []
@@ -125,10 +132,12 @@ class PixelCNNPP(keras.Model):
             self.up_ul.append([resnet("down_right", True, f"up_ul_{r}_{i}") for i in range(nr)])
             if r + 1 < residual_blocks:
                 self.halve_u.append(
-                    WeightNormConv2D(filters, (2, 3), "down", 2, name=f"halve_u_{r}")
+                    WeightNormConv2D(filters, (2, 3), "down", 2, dtype=policy, name=f"halve_u_{r}")
                 )
                 self.halve_ul.append(
-                    WeightNormConv2D(filters, (2, 2), "down_right", 2, name=f"halve_ul_{r}")
+                    WeightNormConv2D(
+                        filters, (2, 2), "down_right", 2, dtype=policy, name=f"halve_ul_{r}"
+                    )
                 )
 
         # Second half ("down pass"): from the lowest resolution back up; nr resnets at the
@@ -140,13 +149,24 @@ class PixelCNNPP(keras.Model):
             self.down_ul.append([resnet("down_right", True, f"down_ul_{r}_{i}") for i in range(n)])
             if r > 0:
                 self.double_u.append(
-                    WeightNormConv2DTranspose(filters, (2, 3), "down", name=f"double_u_{r}")
+                    WeightNormConv2DTranspose(
+                        filters, (2, 3), "down", dtype=policy, name=f"double_u_{r}"
+                    )
                 )
                 self.double_ul.append(
-                    WeightNormConv2DTranspose(filters, (2, 2), "down_right", name=f"double_ul_{r}")
+                    WeightNormConv2DTranspose(
+                        filters, (2, 2), "down_right", dtype=policy, name=f"double_ul_{r}"
+                    )
                 )
 
-        self.out_nin = WeightNormConv2D(self.num_params, name="out_nin")
+        self.out_nin = WeightNormConv2D(self.num_params, dtype=policy, name="out_nin")
+
+        # tf.train.Checkpoint follows attributes, not nested lists: give every layer in
+        # the lists above an attribute of its own name, or checkpoints would miss them.
+        nested = [self.up_u, self.up_ul, self.down_u, self.down_ul]
+        flat = [layer for lists in nested for group in lists for layer in group]
+        for layer in flat + self.halve_u + self.halve_ul + self.double_u + self.double_ul:
+            setattr(self, layer.name, layer)
 
     # ------------------------------------------------------------------ forward pass
     def one_hot(self, labels):

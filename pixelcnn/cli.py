@@ -1,0 +1,425 @@
+"""Command line: train (single, multigpu, multiworker), sample, evaluate, complete.
+
+    pixelcnn --config experiments/mnist.gin [--binding "train.batch_size=128"] single
+    pixelcnn --log-dir runs/X sample --num 16
+    pixelcnn --log-dir runs/X evaluate --per-image scores.csv
+    pixelcnn --log-dir runs/X complete --num 8 --keep-rows 14
+
+``python main.py ...`` runs the same commands.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_configurables() -> None:
+    """Registers every gin configurable, so bindings to them parse."""
+    import pixelcnn.data  # noqa: F401
+    import pixelcnn.model  # noqa: F401
+    import pixelcnn.train  # noqa: F401
+
+
+def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
+    """Parses config files then bindings strictly: unknown names are errors."""
+    import gin
+
+    _import_configurables()
+    for path in configs:
+        if not Path(path).is_file():
+            raise click.BadParameter(f"config file {path} does not exist", param_hint="--config")
+    try:
+        gin.parse_config_files_and_bindings(list(configs), list(bindings))
+    except (ValueError, ImportError, SyntaxError) as e:
+        raise click.UsageError(f"bad gin config: {e}") from e
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "configs", multiple=True, help="A .gin file (repeatable).")
+@click.option(
+    "--binding",
+    "bindings",
+    multiple=True,
+    help='A gin binding, e.g. "train.batch_size=128" (repeatable).',
+)
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Run directory: an existing one resumes (training) or is read (sample, evaluate, complete); training creates runs/<time> when omitted.",
+)
+@click.option("--debug", is_flag=True, help="Run eagerly (no tf.function), for debugging.")
+@click.option(
+    "--cpu-devices",
+    type=click.IntRange(1),
+    default=None,
+    help="Split the CPU into N logical devices (multigpu then runs N replicas without GPUs).",
+)
+@click.pass_context
+def main(ctx, configs, bindings, log_dir, debug, cpu_devices):
+    """PixelCNN++ for TensorFlow 2: training, sampling, evaluation, completion."""
+    ctx.ensure_object(dict)
+    ctx.obj.update(configs=configs, bindings=bindings, log_dir=log_dir)
+    if cpu_devices:
+        from pixelcnn.train import split_cpu
+
+        split_cpu(cpu_devices)
+    if debug:
+        import tensorflow as tf
+
+        tf.config.run_functions_eagerly(True)
+
+
+def _train(ctx, kind: str, device: str | None = None) -> None:
+    from pixelcnn import train as training
+
+    parse_gin(ctx.obj["configs"], ctx.obj["bindings"])
+    log_dir = ctx.obj["log_dir"] or training.new_run_dir()
+    strategy = training.make_strategy(kind, device)
+    click.echo(f"run directory: {log_dir} ({strategy.num_replicas_in_sync} replica(s))")
+    try:
+        result = training.train(log_dir, strategy)
+    except training.TrainingInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option(
+    "--device", default=None, help="e.g. /cpu:0 or /gpu:1 (default: first GPU, else CPU)."
+)
+@click.pass_context
+def single(ctx, device):
+    """Train on one device."""
+    _train(ctx, "single", device)
+
+
+@main.command()
+@click.pass_context
+def multigpu(ctx):
+    """Train with MirroredStrategy on all local GPUs (or logical CPU devices)."""
+    _train(ctx, "multigpu")
+
+
+@main.command()
+@click.pass_context
+def multiworker(ctx):
+    """Train with MultiWorkerMirroredStrategy across the machines in TF_CONFIG."""
+    _train(ctx, "multiworker")
+
+
+# ------------------------------------------------------------------------ inference
+def _run_dir(ctx) -> Path:
+    if not ctx.obj["log_dir"]:
+        raise click.UsageError("pass the run directory: pixelcnn --log-dir RUN_DIR ...")
+    run_dir = Path(ctx.obj["log_dir"])
+    if not run_dir.is_dir():
+        raise click.ClickException(f"run directory {run_dir} does not exist")
+    return run_dir
+
+
+def _load(ctx, checkpoint, raw=False):
+    from pixelcnn import train as training
+
+    run_dir = _run_dir(ctx)
+    try:
+        model, path = training.load_for_inference(run_dir, checkpoint, use_ema=not raw)
+    except FileNotFoundError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"loaded {'raw' if raw else 'EMA'} weights from {path}", err=True)
+    return run_dir, model
+
+
+def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
+    """The run's (train, test) datasets, rebuilt from run_dir/config.gin."""
+    import gin
+
+    parse_gin((str(run_dir / "config.gin"), *ctx.obj["configs"]), ctx.obj["bindings"])
+    try:
+        train_ds, test_ds = gin.query_parameter("train.dataset_fn").scoped_configurable_fn(
+            batch_size
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(f"cannot rebuild the run's dataset: {e}") from e
+    return train_ds if split == "train" else test_ds
+
+
+def _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
+    """Yields (int images [B,H,W,C], labels [B] or None) from the chosen source."""
+    import numpy as np
+
+    from pixelcnn import data
+
+    if npz:
+        ds, _ = data.npz(batch_size, npz, test_fraction=0.0)
+    elif folder:
+        ds, _ = data.image_folder(
+            batch_size, folder, image_shape=model.image_shape, test_fraction=0.0
+        )
+    else:
+        ds = _run_dataset(ctx, run_dir, batch_size, split)
+    first = True
+    for element in ds:
+        if first:
+            try:
+                data.check_batch(
+                    element, model.image_shape, model.num_bits, model.num_classes, split
+                )
+            except ValueError as e:
+                raise click.ClickException(str(e)) from e
+            first = False
+        images, labels = data.to_model_input(element, model.num_bits)
+        top = 2**model.num_bits - 1
+        ints = np.rint((images.numpy() + 1.0) * top / 2.0).astype(np.int32)
+        yield ints, None if labels is None else labels.numpy()
+
+
+@main.command()
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option(
+    "--npz",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Evaluate images from a .npz instead.",
+)
+@click.option(
+    "--folder",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Evaluate a folder of images instead.",
+)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--per-image",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write each image's log-likelihood to this CSV.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="JSON result (default RUN_DIR/eval_<split>.json).",
+)
+@click.option("--raw-weights", is_flag=True, help="Use the raw weights instead of the EMA.")
+@click.pass_context
+def evaluate(ctx, checkpoint, split, npz, folder, batch_size, per_image, output, raw_weights):
+    """Bits/dim of a dataset (default: the run's test set) with the EMA weights."""
+    import math
+
+    import numpy as np
+    import tensorflow as tf
+
+    from pixelcnn import likelihood
+
+    run_dir, model = _load(ctx, checkpoint, raw_weights)
+    log_prob = tf.function(lambda x, y: model.log_prob(x, y), reduce_retracing=True)
+    scores, labels_out = [], []
+    for images, labels in _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
+        lp = log_prob(
+            tf.constant(images),
+            None if labels is None or not model.num_classes else tf.constant(labels),
+        )
+        scores.append(lp.numpy())
+        labels_out.append(labels if labels is not None else np.full(len(images), -1))
+    if not scores:
+        raise click.ClickException("the dataset is empty")
+    lp = np.concatenate(scores).astype(np.float64)
+    bpd = likelihood.bits_per_dim(lp, model.image_shape).numpy()
+    result = {
+        "source": npz or folder or f"run {split} set",
+        "images": int(len(lp)),
+        "nll_nats": float(-lp.mean()),
+        "bits_per_dim": float(-lp.mean() / (np.prod(model.image_shape) * math.log(2.0))),
+        "weights": "raw" if raw_weights else "ema",
+    }
+    out = (
+        Path(output) if output else run_dir / f"eval_{'custom' if (npz or folder) else split}.json"
+    )
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if per_image:
+        with open(per_image, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["index", "label", "log_prob_nats", "bits_per_dim"])
+            for i, (s, y, b) in enumerate(zip(lp, np.concatenate(labels_out), bpd, strict=True)):
+                w.writerow([i, int(y), f"{s:.6f}", f"{b:.6f}"])
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option(
+    "--num", type=click.IntRange(1), default=16, show_default=True, help="Images to draw."
+)
+@click.option(
+    "--label",
+    "labels",
+    type=int,
+    multiple=True,
+    help="Class label(s) for a conditional model (repeat; cycled over the images). Default: 0, 1, 2, ...",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG path (default RUN_DIR/samples/sample_seed<seed>.png); the .npz goes beside it.",
+)
+@click.option("--naive", is_flag=True, help="Use the naive sampler (one full pass per pixel).")
+@click.pass_context
+def sample(ctx, checkpoint, num, labels, seed, output, naive):
+    """Draw images from a trained run; writes a PNG grid and a .npz of integer images."""
+    import numpy as np
+
+    from pixelcnn import sampling
+    from pixelcnn.train import make_grid, save_png
+
+    run_dir, model = _load(ctx, checkpoint)
+    label_arr = _labels_for(model, labels, num)
+    fn = sampling.sample_naive if naive else sampling.sample_fast
+    images = fn(model, num, labels=label_arr, seed=(0, seed)).numpy()
+    png = Path(output) if output else run_dir / "samples" / f"sample_seed{seed}.png"
+    save_png(make_grid(images, model.num_bits), png)
+    npz_path = png.with_suffix(".npz")
+    arrays = {"images": images}
+    if label_arr is not None:
+        arrays["labels"] = np.asarray(label_arr)
+    np.savez_compressed(npz_path, **arrays)
+    click.echo(f"wrote {png} and {npz_path}")
+
+
+def _labels_for(model, labels, num):
+    import tensorflow as tf
+
+    if not model.num_classes:
+        if labels:
+            raise click.UsageError("--label is only for class-conditional models")
+        return None
+    for y in labels:
+        if not 0 <= y < model.num_classes:
+            raise click.BadParameter(
+                f"label {y} is not in [0, {model.num_classes})", param_hint="--label"
+            )
+    base = list(labels) or list(range(model.num_classes))
+    return tf.constant([base[i % len(base)] for i in range(num)], tf.int32)
+
+
+@main.command()
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option(
+    "--num", type=click.IntRange(1), default=8, show_default=True, help="Images to complete."
+)
+@click.option(
+    "--keep-rows",
+    type=click.IntRange(0),
+    default=None,
+    help="Keep this many top rows (default: half the image).",
+)
+@click.option(
+    "--mask",
+    "mask_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="A .npy/.png mask of known pixels [H, W] (nonzero = known) instead of --keep-rows.",
+)
+@click.option(
+    "--images",
+    "image_files",
+    type=click.Path(exists=True, dir_okay=False),
+    multiple=True,
+    help="Image files to complete (default: the run's test set).",
+)
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="PNG path (default RUN_DIR/samples/complete_seed<seed>.png).",
+)
+@click.pass_context
+def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, seed, output):
+    """Image completion: keep the known pixels, sample the rest."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pixelcnn import sampling
+    from pixelcnn.train import make_grid, save_png
+
+    run_dir, model = _load(ctx, checkpoint)
+    h, w, c = model.image_shape
+    if image_files:
+        images, labels = _read_images(image_files, model), None
+        if model.num_classes:
+            labels = np.zeros(len(images), np.int32)
+    else:
+        got, got_labels = [], []
+        for batch, y in _dataset_images(ctx, run_dir, model, split, None, None, num):
+            got.append(batch)
+            got_labels.append(y)
+            if sum(len(b) for b in got) >= num:
+                break
+        images = np.concatenate(got)[:num]
+        labels = None if got_labels[0] is None else np.concatenate(got_labels)[:num]
+    if mask_path:
+        mask = _read_mask(mask_path, h, w)
+    else:
+        mask = sampling.top_rows_mask(h, w, h // 2 if keep_rows is None else keep_rows)
+    mask = np.asarray(mask, bool)
+    lab = tf.constant(labels, tf.int32) if model.num_classes and labels is not None else None
+    done = sampling.complete(
+        model, tf.constant(images, tf.int32), mask, labels=lab, seed=(0, seed)
+    ).numpy()
+    top = 2**model.num_bits - 1
+    shown_mask = np.where(mask[None, :, :, None], images, top // 2)
+    rows = np.concatenate([images, shown_mask, done])
+    png = Path(output) if output else run_dir / "samples" / f"complete_seed{seed}.png"
+    save_png(make_grid(rows, model.num_bits, columns=len(images)), png)
+    np.savez_compressed(png.with_suffix(".npz"), originals=images, mask=mask, completions=done)
+    click.echo(f"wrote {png} (rows: originals, known pixels, completions)")
+
+
+def _read_images(paths, model):
+    import numpy as np
+    from PIL import Image
+
+    h, w, c = model.image_shape
+    out = []
+    for p in paths:
+        img = np.asarray(Image.open(p))
+        if img.ndim == 2:
+            img = img[..., None]
+        if img.shape != (h, w, c):
+            raise click.ClickException(
+                f"{p} has shape {img.shape}, but the model takes images of {(h, w, c)}"
+            )
+        out.append(img)
+    if model.num_bits != 8:
+        raise click.ClickException("image files are 8-bit; this model uses num_bits != 8")
+    return np.stack(out).astype(np.int32)
+
+
+def _read_mask(path, h, w):
+    import numpy as np
+    from PIL import Image
+
+    mask = np.load(path) if path.endswith(".npy") else np.asarray(Image.open(path).convert("L"))
+    if mask.shape != (h, w):
+        raise click.ClickException(f"mask {path} has shape {mask.shape}, expected {(h, w)}")
+    return mask != 0
+
+
+if __name__ == "__main__":
+    main()

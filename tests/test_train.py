@@ -1,0 +1,353 @@
+"""Training: strategies agree, resume, configs, clear errors, signals, summaries."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pixelcnn import train as training
+from pixelcnn.model import PixelCNNPP
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (6, 6, 1)
+TINY = dict(
+    image_shape=SHAPE,
+    residual_blocks=2,
+    residual_layers_per_block=1,
+    filters=8,
+    num_mixtures=2,
+    dropout_rate=0.0,
+)
+
+
+def tiny_model(dtype=None):
+    return PixelCNNPP(**TINY, dtype=dtype)
+
+
+def make_batches(n_batches=2, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n_batches * batch, *SHAPE)).astype(np.uint8)
+
+
+@pytest.fixture
+def clean_gin():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def make_trainer(strategy):
+    return training.Trainer(
+        strategy,
+        tiny_model,
+        learning_rate=2e-3,
+        learning_rate_decay=0.999995,
+        beta_1=0.95,
+        beta_2=0.9995,
+        ema_decay=0.9995,
+        precision="float32",
+    )
+
+
+def run_steps(trainer, images, batch=8):
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch)
+    ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
+    losses = []
+    for b in trainer.strategy.experimental_distribute_dataset(ds):
+        losses.append(float(trainer.train_step(b)))
+    return losses
+
+
+def initial_weights():
+    model = tiny_model()
+    images = make_batches()
+    model.initialize(tf.constant(images[:8], tf.float32) * (2 / 255) - 1)
+    return [w.numpy() for w in model.trainable_variables]
+
+
+def test_mirrored_matches_one_device():
+    images, weights = make_batches(), initial_weights()
+    results = {}
+    for name, strategy in [
+        ("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
+        ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
+    ]:
+        trainer = make_trainer(strategy)
+        for v, w in zip(trainer.model.trainable_variables, weights, strict=True):
+            v.assign(w)
+        for v, w in zip(trainer.ema.trainable_variables, weights, strict=True):
+            v.assign(w)
+        losses = run_steps(trainer, images)
+        results[name] = (losses, [v.numpy() for v in trainer.model.trainable_variables])
+    assert len(results["one"][0]) == 2
+    np.testing.assert_allclose(results["one"][0], results["mirrored"][0], rtol=1e-5)
+    assert results["one"][0][1] != results["one"][0][0]  # the step changed the weights
+    for a, b in zip(results["one"][1], results["mirrored"][1], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_partial_last_batch_is_a_mean_over_its_images():
+    """12 images in batches of 8: the second step averages over 4, on 2 replicas too."""
+    images, weights = make_batches()[:12], initial_weights()
+    for strategy in (
+        tf.distribute.OneDeviceStrategy("/cpu:0"),
+        tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+    ):
+        trainer = make_trainer(strategy)
+        for v, w in zip(trainer.model.trainable_variables, weights, strict=True):
+            v.assign(w)
+        for v, w in zip(trainer.ema.trainable_variables, weights, strict=True):
+            v.assign(w)
+        run_steps(trainer, images[:8])
+        # the loss reported for the partial batch equals the mean NLL of its 4 images
+        model = trainer.model
+        expected = -float(tf.reduce_mean(model.log_prob(tf.constant(images[8:12], tf.int32))))
+        got = run_steps(trainer, images[8:12])[0]
+        assert got == pytest.approx(expected, rel=1e-5)
+
+
+WORKER = textwrap.dedent(
+    """
+    import json, os, sys
+    import numpy as np
+    import tensorflow as tf
+    sys.path.insert(0, {tests!r})
+    import test_train as t
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    blob = np.load({blob!r}, allow_pickle=True)
+    images, weights = blob["images"], list(blob["weights"])
+    trainer = t.make_trainer(strategy)
+    for v, w in zip(trainer.model.trainable_variables, weights):
+        v.assign(w)
+    for v, w in zip(trainer.ema.trainable_variables, weights):
+        v.assign(w)
+    index = int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
+
+    def dataset_fn(ctx):
+        # each worker reads its own half of every global batch of 8
+        ds = tf.data.Dataset.from_tensor_slices(images).batch(8)
+        ds = ds.map(lambda x: x[ctx.input_pipeline_id * 4:(ctx.input_pipeline_id + 1) * 4])
+        return ds.map(lambda x: {{"images": tf.cast(x, tf.float32) * (2 / 255) - 1}})
+
+    losses = [float(trainer.train_step(b)) for b in strategy.distribute_datasets_from_function(dataset_fn)]
+    print("LOSSES", json.dumps(losses))
+    """
+)
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_multiworker_matches_one_device(tmp_path):
+    images, weights = make_batches(), initial_weights()
+    blob = tmp_path / "blob.npz"
+    np.savez(blob, images=images, weights=np.array(weights, dtype=object))
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests=str(ROOT / "tests"), blob=str(blob)))
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    losses = [json.loads(out.split("LOSSES")[-1].strip().splitlines()[0]) for out in outputs]
+
+    trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    for v, w in zip(trainer.model.trainable_variables, weights, strict=True):
+        v.assign(w)
+    for v, w in zip(trainer.ema.trainable_variables, weights, strict=True):
+        v.assign(w)
+    expected = run_steps(trainer, images)
+    for worker_losses in losses:
+        np.testing.assert_allclose(worker_losses, expected, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- train()
+def bind_tiny(extra=()):
+    gin.parse_config(
+        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()]
+        + ["train.images_to_log = 0", "train.learning_rate = 2e-3"]
+        + list(extra)
+    )
+
+
+def array_dataset_fn(images):
+    def fn(batch_size):
+        x = tf.data.Dataset.from_tensor_slices(images)
+        return x.batch(batch_size), x.take(8).batch(batch_size)
+
+    return fn
+
+
+def test_resume_continues_the_same_curve(tmp_path, clean_gin):
+    images = make_batches(n_batches=4)
+    bind_tiny()
+    fn = array_dataset_fn(images)
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    straight = training.train(
+        tmp_path / "a", one, dataset_fn=fn, batch_size=8, max_steps=4, max_epoch=1, progress=False
+    )
+    training.train(
+        tmp_path / "b", one, dataset_fn=fn, batch_size=8, max_steps=2, max_epoch=1, progress=False
+    )
+    resumed = training.train(
+        tmp_path / "b", one, dataset_fn=fn, batch_size=8, max_steps=4, max_epoch=1, progress=False
+    )
+    assert straight["step"] == resumed["step"] == 4
+    a, _ = training.load_for_inference(tmp_path / "a")
+    b, _ = training.load_for_inference(tmp_path / "b")
+    # Same data order (skip to the stopped step), same restored optimizer and EMA state,
+    # same deterministic CPU kernels: bit-exact.
+    for x, y in zip(a.trainable_variables, b.trainable_variables, strict=True):
+        np.testing.assert_array_equal(x.numpy(), y.numpy())
+    assert straight["test_bits_per_dim"] == resumed["test_bits_per_dim"]
+    # the run directory alone rebuilds the model
+    assert json.loads((tmp_path / "b" / "model.json").read_text())["filters"] == 8
+    assert "PixelCNNPP.filters = 8" in (tmp_path / "b" / "operative_config.gin").read_text()
+
+
+def test_summaries_and_checkpoints_are_written(tmp_path, clean_gin):
+    bind_tiny()
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    training.train(
+        tmp_path,
+        one,
+        dataset_fn=array_dataset_fn(make_batches()),
+        batch_size=8,
+        max_epoch=1,
+        progress=False,
+    )
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    tags = set()
+    for split in ("train", "eval"):
+        for f in (tmp_path / split).glob("events.*"):
+            for e in tf.compat.v1.train.summary_iterator(str(f)):
+                tags |= {f"{split}/{v.tag}" for v in e.summary.value}
+    assert {
+        "train/nll",
+        "train/bits_per_dim",
+        "train/learning_rate",
+        "train/images_per_sec",
+        "eval/nll",
+        "eval/bits_per_dim",
+        "train/operative_config",
+    } <= tags
+
+
+def test_sigterm_saves_before_exit(tmp_path, clean_gin):
+    bind_tiny()
+    images = make_batches(n_batches=6)
+
+    def fn(batch_size):
+        ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).enumerate()
+
+        def maybe_signal(i, x):
+            def send(i):
+                if int(i) == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return i
+
+            tf.py_function(send, [i], tf.int64)
+            return x
+
+        return ds.map(maybe_signal), tf.data.Dataset.from_tensor_slices(images[:8]).batch(8)
+
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with pytest.raises(training.TrainingInterrupted, match="resume"):
+        training.train(tmp_path, one, dataset_fn=fn, batch_size=8, max_epoch=1, progress=False)
+    latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert latest is not None and 1 <= int(latest.rsplit("-", 1)[1]) < 6
+
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path, clean_gin):
+    bind_tiny(["train.learning_rate = 1e30"])  # the first update destroys the weights
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        training.train(
+            tmp_path,
+            one,
+            dataset_fn=array_dataset_fn(make_batches(4)),
+            batch_size=8,
+            max_epoch=1,
+            progress=False,
+        )
+
+
+@pytest.mark.parametrize(
+    "images,message",
+    [
+        (np.full((8, 6, 6, 1), 0.5, np.float32), "grid"),
+        (np.zeros((8, 6, 6, 3), np.uint8), "image_shape"),
+        (np.zeros((8, 6, 6), np.uint8), "rank"),
+    ],
+)
+def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message):
+    bind_tiny()
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with pytest.raises(ValueError, match=message):
+        training.train(
+            tmp_path, one, dataset_fn=array_dataset_fn(images), batch_size=8, progress=False
+        )
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------- configs
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "experiments").glob("*.gin")), ids=lambda p: p.name
+)
+def test_every_shipped_config_parses_and_builds(config, clean_gin):
+    from pixelcnn import cli
+
+    cli.parse_gin((str(config),), ())
+    model = PixelCNNPP()
+    out = model(tf.zeros([1, *model.image_shape]))
+    assert out.shape[-1] == model.num_params
+    assert callable(gin.query_parameter("train.dataset_fn").scoped_configurable_fn)
+
+
+def test_misspelt_binding_names_the_binding(clean_gin):
+    from click.testing import CliRunner
+
+    from pixelcnn import cli
+
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "--config",
+            str(ROOT / "experiments/tiny.gin"),
+            "--binding",
+            "train.batch_sise=4",
+            "single",
+        ],
+    )
+    assert result.exit_code != 0
+    assert "batch_sise" in result.output
