@@ -95,7 +95,7 @@ class _WeightNorm(keras.layers.Layer):
 
         ``crop`` selects the outputs the network uses, so the statistics are theirs.
         """
-        t = crop(self._apply(tf.cast(x, tf.float32), self._unit_kernel()))
+        t = crop(self._apply(tf.cast(x, self.v.dtype), self._unit_kernel()))
         mean, var = tf.nn.moments(t, axes=list(range(len(t.shape) - 1)))
         # Units that do not depend on the data (row 0 of the u stream sees only padding,
         # and at a one-row resolution that is the whole map) keep g = init_scale:

@@ -159,7 +159,9 @@ class PixelCNNPP(keras.Model):
                     )
                 )
 
-        self.out_nin = WeightNormConv2D(self.num_params, dtype=policy, name="out_nin")
+        # The output layer always computes in float32: bfloat16 keeps 8 significant bits,
+        # so means near 1 would be quantised to half a bin of the 8-bit grid.
+        self.out_nin = WeightNormConv2D(self.num_params, dtype="float32", name="out_nin")
 
         # tf.train.Checkpoint follows attributes, not nested lists: give every layer in
         # the lists above an attribute of its own name, or checkpoints would miss them.
@@ -216,7 +218,7 @@ class PixelCNNPP(keras.Model):
                     ul, a=tf.concat([u, uls.pop()], axis=-1), h=h, training=training, init=init
                 )
         assert not us and not uls, "every skip connection must be consumed"
-        return tf.cast(self.out_nin(tf.nn.elu(ul), init=init), tf.float32)
+        return self.out_nin(tf.nn.elu(tf.cast(ul, tf.float32)), init=init)
 
     # ------------------------------------------------------------------ conveniences
     def initialize(self, images, labels=None):

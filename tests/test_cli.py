@@ -69,7 +69,9 @@ def test_evaluate_matches_training_and_writes_per_image_csv(run_dir, tmp_path):
 
 def test_complete_keeps_the_known_rows(run_dir, tmp_path):
     out = tmp_path / "c.png"
-    result = invoke("--log-dir", run_dir, "complete", "--num", 2, "--keep-rows", 20, "--output", out)
+    result = invoke(
+        "--log-dir", run_dir, "complete", "--num", 2, "--keep-rows", 20, "--output", out
+    )
     assert result.exit_code == 0, result.output
     blob = np.load(out.with_suffix(".npz"))
     assert blob["completions"].shape == (2, 28, 28, 1)

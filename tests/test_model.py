@@ -72,7 +72,14 @@ def test_channel_order_within_a_pixel(rng):
 # ----------------------------------------------------------------- shapes
 @pytest.mark.parametrize(
     "shape,blocks",
-    [((28, 28, 1), 3), ((20, 12, 3), 3), ((15, 9, 3), 3), ((9, 4, 2), 4), ((1, 1, 1), 3), ((8, 8, 5), 1)],
+    [
+        ((28, 28, 1), 3),
+        ((20, 12, 3), 3),
+        ((15, 9, 3), 3),
+        ((9, 4, 2), 4),
+        ((1, 1, 1), 3),
+        ((8, 8, 5), 1),
+    ],
 )
 def test_output_shapes(rng, shape, blocks):
     model = tiny(shape, residual_blocks=blocks, residual_layers_per_block=0, filters=4)

@@ -1,0 +1,198 @@
+"""Training and evaluation throughput against the machine's matmul peak.
+
+    python benchmarks/throughput.py                      # B1 and B2, float32 and bfloat16
+    python benchmarks/throughput.py --configs B1 --precisions float32 --steps 5
+
+B1 is the seed's MNIST configuration (32x32x1, filters 64, 2 layers per block,
+3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
+per block, 10 mixtures, batch 8). Each (config, precision) runs in a fresh process, so
+its peak RSS is its own. The timed steps are the ones training uses
+(pixelcnn.train.Trainer.train_step / eval_step), on synthetic data already in memory.
+Results: a table on stdout and JSON in benchmarks/results/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+CONFIGS = {
+    "B1": dict(
+        image_shape=(32, 32, 1), filters=64, residual_layers_per_block=2, num_mixtures=3, batch=16
+    ),
+    "B2": dict(
+        image_shape=(32, 32, 3), filters=160, residual_layers_per_block=5, num_mixtures=10, batch=8
+    ),
+}
+
+
+def conv_flops(model) -> float:
+    """Forward FLOPs per image: 2 * multiply-adds of every convolution (exact count)."""
+    import tensorflow as tf
+
+    from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
+
+    total = 0.0
+    shapes = {}
+    originals = {}
+
+    def recorder(cls):
+        original = cls.call
+
+        def call(self, x, *args, **kwargs):
+            out = original(self, x, *args, **kwargs)
+            shapes[id(self)] = (self, tuple(x.shape), tuple(out.shape))
+            return out
+
+        originals[cls] = original
+        cls.call = call
+
+    for cls in (WeightNormConv2D, WeightNormConv2DTranspose):
+        recorder(cls)
+    try:
+        model(tf.zeros([1, *model.image_shape]))
+    finally:
+        for cls, original in originals.items():
+            cls.call = original
+    for layer, x_shape, y_shape in shapes.values():
+        kh, kw = layer.kernel_size
+        if isinstance(layer, WeightNormConv2DTranspose):
+            macs = x_shape[1] * x_shape[2] * kh * kw * x_shape[3] * y_shape[3]
+        else:
+            macs = y_shape[1] * y_shape[2] * kh * kw * x_shape[3] * y_shape[3]
+        total += 2.0 * macs
+    return total
+
+
+def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
+    """GFLOP/s of an n x n matmul in this dtype."""
+    import tensorflow as tf
+
+    a = tf.random.normal([n, n], dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    f = tf.function(lambda a: tf.matmul(a, a))
+    f(a).numpy()
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        f(a).numpy()
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def measure(name: str, precision: str, steps: int) -> dict:
+    """Runs in a child process: times train and eval steps of one configuration."""
+    import numpy as np
+    import tensorflow as tf
+
+    from pixelcnn.model import PixelCNNPP
+    from pixelcnn.train import Trainer
+
+    cfg = dict(CONFIGS[name])
+    batch = cfg.pop("batch")
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+
+    def model_fn(dtype):
+        return PixelCNNPP(residual_blocks=3, dropout_rate=0.5, dtype=dtype, **cfg)
+
+    trainer = Trainer(strategy, model_fn, 1e-3, 0.999995, 0.95, 0.9995, 0.9995, precision)
+    rng = np.random.default_rng(0)
+    v = rng.integers(0, 256, (batch, *cfg["image_shape"]))
+    images = tf.constant(2.0 * v / 255.0 - 1.0, tf.float32)
+    trainer.initialize(images)
+    batch_dict = {"images": images}
+    flops = conv_flops(trainer.ema)
+
+    def timed(fn, n):
+        fn(batch_dict)  # trace and warm up
+        float(tf.nest.flatten(fn(batch_dict))[0])
+        start = time.perf_counter()
+        for _ in range(n):
+            out = fn(batch_dict)
+        float(tf.nest.flatten(out)[0])
+        return n * batch / (time.perf_counter() - start)
+
+    train_ips = timed(trainer.train_step, steps)
+    eval_ips = timed(trainer.eval_step, steps)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+    return {
+        "config": name,
+        "precision": precision,
+        "batch": batch,
+        "forward_gflop_per_image": flops / 1e9,
+        "train_gflop_per_image": 3 * flops / 1e9,
+        "train_images_per_s": train_ips,
+        "eval_images_per_s": eval_ips,
+        "peak_rss_gb": rss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="B1,B2")
+    parser.add_argument("--precisions", default="float32,bfloat16")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8 B1, 3 B2)")
+    parser.add_argument(
+        "--output", default=str(Path(__file__).parent / "results" / "throughput.json")
+    )
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, precision, steps = args.child
+        print("RESULT " + json.dumps(measure(name, precision, int(steps))))
+        return
+
+    import tensorflow as tf
+
+    peaks = {d: matmul_peak(d) for d in ("float32", "bfloat16")}
+    print(
+        f"matmul peak: float32 {peaks['float32']:.0f} GFLOP/s, bfloat16 {peaks['bfloat16']:.0f} GFLOP/s"
+    )
+    rows = []
+    for name in args.configs.split(","):
+        for precision in args.precisions.split(","):
+            steps = args.steps or (8 if name == "B1" else 3)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", name, precision, str(steps)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+            if not line:
+                raise RuntimeError(f"{name} {precision} failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[0][7:])
+            peak = peaks[precision]
+            r["train_fraction_of_peak"] = (
+                r["train_images_per_s"] * r["train_gflop_per_image"] / peak
+            )
+            r["eval_fraction_of_peak"] = (
+                r["eval_images_per_s"] * r["forward_gflop_per_image"] / peak
+            )
+            rows.append(r)
+            print(
+                f"{name} {precision:9s} train {r['train_images_per_s']:7.2f} img/s "
+                f"({100 * r['train_fraction_of_peak']:3.0f}% of peak)  eval "
+                f"{r['eval_images_per_s']:7.2f} img/s ({100 * r['eval_fraction_of_peak']:3.0f}%)  "
+                f"RSS {r['peak_rss_gb']:.2f} GB",
+                flush=True,
+            )
+    result = {
+        "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__},
+        "matmul_peak_gflops": peaks,
+        "results": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""bfloat16 mixed precision must not cost likelihood."""
+
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn import data
+from pixelcnn.model import PixelCNNPP
+from pixelcnn.train import Trainer
+
+SHAPE = (12, 12, 1)
+
+
+def digits(n_train=1024, n_test=256):
+    """Centre 12x12 crops of the embedded MNIST digits (on the 8-bit grid)."""
+    images, _ = data.load_embedded_mnist()
+    rng = np.random.default_rng(0)
+    images = images[rng.permutation(len(images))][:, 8:20, 8:20]
+    return images[:n_train], images[n_train : n_train + n_test]
+
+
+def train_and_evaluate(precision, train_images, test_images, steps=400, batch=16):
+    def model_fn(dtype):
+        return PixelCNNPP(
+            SHAPE,
+            residual_blocks=2,
+            residual_layers_per_block=1,
+            filters=16,
+            num_mixtures=3,
+            dropout_rate=0.0,
+            dtype=dtype,
+        )
+
+    trainer = Trainer(
+        tf.distribute.OneDeviceStrategy("/cpu:0"),
+        model_fn,
+        learning_rate=3e-3,
+        learning_rate_decay=0.993,
+        beta_1=0.95,
+        beta_2=0.9995,
+        ema_decay=0.98,
+        precision=precision,
+    )
+    to_x = lambda v: tf.cast(v, tf.float32) * (2 / 255) - 1  # noqa: E731
+    trainer.initialize(to_x(train_images[:batch]))
+    ds = tf.data.Dataset.from_tensor_slices(train_images).repeat().batch(batch).take(steps)
+    for b in ds:
+        trainer.train_step({"images": to_x(b)})
+    test = (
+        tf.data.Dataset.from_tensor_slices(test_images)
+        .batch(128)
+        .map(lambda v: {"images": to_x(v)})
+    )
+    return trainer.bits_per_dim(trainer.evaluate(test))
+
+
+def test_bfloat16_training_matches_float32_bits_per_dim():
+    train_images, test_images = digits()
+    fp32 = train_and_evaluate("float32", train_images, test_images)
+    bf16 = train_and_evaluate("bfloat16", train_images, test_images)
+    # 8 bits/dim is a uniform guess: the model must have learned for the comparison to mean much
+    assert fp32 < 4.5
+    print(f"test bits/dim: float32 {fp32:.4f}, bfloat16 {bf16:.4f}")
+    # One-sided: bfloat16 must not be worse. Measured here it ends about 0.03 bits/dim
+    # *better* than float32 after this short run (a different trajectory, not a cost).
+    assert bf16 - fp32 < 0.02, (fp32, bf16)
