@@ -6,6 +6,8 @@ Public API:
   mixture_log_prob                 exact log-likelihood in nats per image
   mixture_sample                   one sample per pixel, on the b-bit grid
   bits_per_dim                     nats per image -> bits per sub-pixel
+  sample_fast, sample_naive        cached / reference generation (pixelcnn.sampling)
+  complete                         image completion
 """
 
 from pixelcnn.likelihood import (
@@ -16,12 +18,16 @@ from pixelcnn.likelihood import (
     unpack_params,
 )
 from pixelcnn.model import PixelCNNPP
+from pixelcnn.sampling import complete, sample_fast, sample_naive
 
 __all__ = [
     "PixelCNNPP",
     "bits_per_dim",
+    "complete",
     "mixture_log_prob",
     "mixture_sample",
     "num_params",
+    "sample_fast",
+    "sample_naive",
     "unpack_params",
 ]

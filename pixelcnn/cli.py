@@ -129,12 +129,31 @@ def _run_dir(ctx) -> Path:
     return run_dir
 
 
-def _load(ctx, checkpoint, raw=False):
+DEVICES = click.option(
+    "--devices",
+    type=click.Choice(["auto", "single", "all"]),
+    default="auto",
+    show_default=True,
+    help="all: split the images over every local GPU (or logical CPU device) with "
+    "MirroredStrategy; auto: all when there are several.",
+)
+
+
+def _inference_strategy(devices: str):
+    from pixelcnn import train as training
+
+    several = len(training.local_devices()) > 1
+    if devices == "all" or (devices == "auto" and several):
+        return training.make_strategy("multigpu")
+    return training.make_strategy("single")
+
+
+def _load(ctx, checkpoint, raw=False, strategy=None):
     from pixelcnn import train as training
 
     run_dir = _run_dir(ctx)
     try:
-        model, path = training.load_for_inference(run_dir, checkpoint, use_ema=not raw)
+        model, path = training.load_for_inference(run_dir, checkpoint, not raw, strategy)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"loaded {'raw' if raw else 'EMA'} weights from {path}", err=True)
@@ -214,24 +233,25 @@ def _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
     help="JSON result (default RUN_DIR/eval_<split>.json).",
 )
 @click.option("--raw-weights", is_flag=True, help="Use the raw weights instead of the EMA.")
+@DEVICES
 @click.pass_context
-def evaluate(ctx, checkpoint, split, npz, folder, batch_size, per_image, output, raw_weights):
+def evaluate(
+    ctx, checkpoint, split, npz, folder, batch_size, per_image, output, raw_weights, devices
+):
     """Bits/dim of a dataset (default: the run's test set) with the EMA weights."""
     import math
 
     import numpy as np
-    import tensorflow as tf
 
     from pixelcnn import likelihood
+    from pixelcnn import train as training
 
-    run_dir, model = _load(ctx, checkpoint, raw_weights)
-    log_prob = tf.function(lambda x, y: model.log_prob(x, y), reduce_retracing=True)
+    strategy = _inference_strategy(devices)
+    run_dir, model = _load(ctx, checkpoint, raw_weights, strategy)
+    log_prob = training.distributed_log_prob(strategy, model)
     scores, labels_out = [], []
     for images, labels in _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
-        lp = log_prob(
-            tf.constant(images),
-            None if labels is None or not model.num_classes else tf.constant(labels),
-        )
+        lp = log_prob(images, labels if model.num_classes else None)
         scores.append(lp.numpy())
         labels_out.append(labels if labels is not None else np.full(len(images), -1))
     if not scores:
@@ -278,18 +298,20 @@ def evaluate(ctx, checkpoint, split, npz, folder, batch_size, per_image, output,
     help="PNG path (default RUN_DIR/samples/sample_seed<seed>.png); the .npz goes beside it.",
 )
 @click.option("--naive", is_flag=True, help="Use the naive sampler (one full pass per pixel).")
+@DEVICES
 @click.pass_context
-def sample(ctx, checkpoint, num, labels, seed, output, naive):
+def sample(ctx, checkpoint, num, labels, seed, output, naive, devices):
     """Draw images from a trained run; writes a PNG grid and a .npz of integer images."""
     import numpy as np
 
     from pixelcnn import sampling
     from pixelcnn.train import make_grid, save_png
 
-    run_dir, model = _load(ctx, checkpoint)
+    strategy = _inference_strategy(devices)
+    run_dir, model = _load(ctx, checkpoint, strategy=strategy)
     label_arr = _labels_for(model, labels, num)
     fn = sampling.sample_naive if naive else sampling.sample_fast
-    images = fn(model, num, labels=label_arr, seed=(0, seed)).numpy()
+    images = fn(model, num, labels=label_arr, seed=(0, seed), strategy=strategy).numpy()
     png = Path(output) if output else run_dir / "samples" / f"sample_seed{seed}.png"
     save_png(make_grid(images, model.num_bits), png)
     npz_path = png.with_suffix(".npz")
@@ -349,8 +371,9 @@ def _labels_for(model, labels, num):
     default=None,
     help="PNG path (default RUN_DIR/samples/complete_seed<seed>.png).",
 )
+@DEVICES
 @click.pass_context
-def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, seed, output):
+def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, seed, output, devices):
     """Image completion: keep the known pixels, sample the rest."""
     import numpy as np
     import tensorflow as tf
@@ -358,7 +381,8 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
     from pixelcnn import sampling
     from pixelcnn.train import make_grid, save_png
 
-    run_dir, model = _load(ctx, checkpoint)
+    strategy = _inference_strategy(devices)
+    run_dir, model = _load(ctx, checkpoint, strategy=strategy)
     h, w, c = model.image_shape
     if image_files:
         images, labels = _read_images(image_files, model), None
@@ -380,7 +404,7 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
     mask = np.asarray(mask, bool)
     lab = tf.constant(labels, tf.int32) if model.num_classes and labels is not None else None
     done = sampling.complete(
-        model, tf.constant(images, tf.int32), mask, labels=lab, seed=(0, seed)
+        model, tf.constant(images, tf.int32), mask, labels=lab, seed=(0, seed), strategy=strategy
     ).numpy()
     top = 2**model.num_bits - 1
     shown_mask = np.where(mask[None, :, :, None], images, top // 2)

@@ -189,6 +189,33 @@ def _compiled(model, kind: str):
     return per_model[kind]
 
 
+def _run(model, kind: str, args: tuple, strategy: tf.distribute.Strategy | None):
+    """Runs the compiled sampler on ``args``; with a strategy of k replicas the images
+    are split into k consecutive chunks (with their own slices of the noise, so the
+    result is the same integers as on one device) and the results concatenated."""
+    fn = _compiled(model, kind)
+    k = 1 if strategy is None else strategy.num_replicas_in_sync
+    n = int(args[1].shape[0])
+    if k == 1 or n < k:  # every replica needs at least one image
+        return fn(*args)
+    bounds = [i * n // k for i in range(k + 1)]
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def part(ctx):
+        lo, hi = bounds[ctx.replica_id_in_sync_group], bounds[ctx.replica_id_in_sync_group + 1]
+        return tuple(args[i][lo:hi] for i in present)
+
+    def replica_fn(values):
+        full = list(args)
+        for i, v in zip(present, values, strict=True):
+            full[i] = v
+        return fn(*full)
+
+    values = strategy.experimental_distribute_values_from_function(part)
+    out = strategy.run(replica_fn, args=(values,))
+    return tf.concat(strategy.experimental_local_results(out), axis=0)
+
+
 # ----------------------------------------------------------------------------- naive
 def _naive_loop(model, labels, mix_u, logistic_u, known_x, mask):
     """The whole reference generation: H * W full forward passes in a while loop."""
@@ -217,6 +244,7 @@ def sample_naive(
     seed: Seed = (0, 0),
     known_images: np.ndarray | tf.Tensor | None = None,
     known_mask: np.ndarray | tf.Tensor | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tf.Tensor:
     """Reference sampler: one full forward pass per pixel (slow, obviously correct).
 
@@ -230,11 +258,14 @@ def sample_naive(
       known_mask: bool [H, W] or [N, H, W]; where true the pixel (all channels) is copied
         from ``known_images`` instead of sampled (image completion). None with
         ``known_images=None``.
+      strategy: optional tf.distribute strategy whose scope holds the model's variables
+        (e.g. MirroredStrategy over several GPUs): the images are split over its
+        replicas; the result is the same as on one device.
     Returns:
       int32 [N, H, W, C] in [0, 2**model.num_bits).
     """
     args = _prepare(model, num_images, labels, seed, known_images, known_mask)
-    return _compiled(model, "naive")(*args)
+    return _run(model, "naive", args, strategy)
 
 
 # ----------------------------------------------------------------------------- fast
@@ -656,6 +687,7 @@ def sample_fast(
     seed: Seed = (0, 0),
     known_images: np.ndarray | tf.Tensor | None = None,
     known_mask: np.ndarray | tf.Tensor | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tf.Tensor:
     """Cached sampler (Ramachandran et al. 2017): the same integers as ``sample_naive``.
 
@@ -672,7 +704,7 @@ def sample_fast(
     """
     args = _prepare(model, num_images, labels, seed, known_images, known_mask)
     kind = "fast_xla" if FAST_JIT_COMPILE else "fast_graph"
-    return _compiled(model, kind)(*args)
+    return _run(model, kind, args, strategy)
 
 
 def complete(
@@ -683,6 +715,7 @@ def complete(
     seed: Seed = (0, 0),
     fast: bool = True,
     keep_rows: int | None = None,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tf.Tensor:
     """Image completion: samples the unknown pixels given the known ones.
 
@@ -695,6 +728,7 @@ def complete(
       fast: use ``sample_fast`` (default) or ``sample_naive``; both give the same result.
       keep_rows: instead of ``known_mask``, keep the top ``keep_rows`` rows (see
         ``top_rows_mask``).
+      strategy: split the images over its replicas, as in ``sample_naive``.
     Returns:
       int32 [N, H, W, C] in [0, 2**bits), equal to ``images`` where the mask is true.
     """
@@ -710,4 +744,4 @@ def complete(
         h, w, _ = model.image_shape
         known_mask = top_rows_mask(h, w, keep_rows)
     sampler = sample_fast if fast else sample_naive
-    return sampler(model, images.shape[0], labels, seed, images, known_mask)
+    return sampler(model, images.shape[0], labels, seed, images, known_mask, strategy)

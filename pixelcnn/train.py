@@ -13,6 +13,7 @@ A run directory holds everything needed to resume or to use the model later:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,6 +52,12 @@ def split_cpu(num_devices: int) -> None:
             ) from e
 
 
+def local_devices() -> list[str]:
+    """The local GPUs, or the logical CPU devices when there is no GPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
 def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strategy:
     """'single' (one device), 'multigpu' (MirroredStrategy) or 'multiworker'.
 
@@ -63,9 +70,7 @@ def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strateg
             device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
         return tf.distribute.OneDeviceStrategy(device)
     if kind == "multigpu":
-        gpus = tf.config.list_logical_devices("GPU")
-        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-        return tf.distribute.MirroredStrategy(devices)
+        return tf.distribute.MirroredStrategy(local_devices())
     if kind == "multiworker":
         if "TF_CONFIG" not in os.environ:
             raise ValueError(
@@ -126,18 +131,49 @@ def latest_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None)
 
 
 def load_for_inference(
-    run_dir: str | os.PathLike, checkpoint: str | None = None, use_ema: bool = True
+    run_dir: str | os.PathLike,
+    checkpoint: str | None = None,
+    use_ema: bool = True,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> tuple[PixelCNNPP, str]:
-    """The run's model with its EMA (or raw) weights from the latest/given checkpoint."""
+    """The run's model with its EMA (or raw) weights from the latest/given checkpoint.
+
+    With a strategy the variables are created in its scope (mirrored over its devices).
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    model = _unconfigured_model(_model_config(run_dir))
+    config = _model_config(run_dir)
     path = latest_checkpoint(run_dir, checkpoint)
-    _build(model)
-    ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model})
-    ckpt.restore(path).expect_partial().assert_existing_objects_matched()
+    with strategy.scope() if strategy is not None else contextlib.nullcontext():
+        model = _unconfigured_model(config)
+        _build(model)
+        ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model})
+        ckpt.restore(path).expect_partial().assert_existing_objects_matched()
     return model, path
+
+
+def distributed_log_prob(strategy: tf.distribute.Strategy, model: PixelCNNPP):
+    """fn(images int [B, H, W, C], labels [B] or None) -> log p [B], the batch split
+    over the strategy's replicas (in order) and the results gathered."""
+    compiled = tf.function(lambda x, y: model.log_prob(x, y), reduce_retracing=True)
+    k = strategy.num_replicas_in_sync
+    if k == 1:
+        return lambda images, labels=None: compiled(tf.constant(images), labels)
+
+    def fn(images, labels=None):
+        chunk = -(-len(images) // k)
+
+        def part(ctx):
+            i = ctx.replica_id_in_sync_group
+            y = None if labels is None else tf.constant(labels[i * chunk : (i + 1) * chunk])
+            return tf.constant(images[i * chunk : (i + 1) * chunk]), y
+
+        values = strategy.experimental_distribute_values_from_function(part)
+        out = strategy.run(lambda v: compiled(v[0], v[1]), args=(values,))
+        return tf.concat(strategy.experimental_local_results(out), axis=0)
+
+    return fn
 
 
 def _model_config(run_dir: Path) -> dict:
@@ -252,7 +288,10 @@ class Trainer:
         return tf.reduce_sum(nll), local_n
 
     def _train_step(self, batch):
-        """One optimizer step on a distributed batch; returns the mean NLL per image."""
+        """One optimizer step on a distributed batch.
+
+        Returns (mean NLL per image in nats, number of images) of the global batch.
+        """
         nll_sum, n = self.strategy.run(self._replica_train, args=(batch,))
         nll_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None)
         n = self.strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None)
@@ -261,7 +300,7 @@ class Trainer:
         for e, w in zip(self.ema.trainable_variables, self.model.trainable_variables, strict=True):
             e.assign(d * e + (1.0 - d) * tf.cast(w, tf.float32))
         self.step_in_epoch.assign_add(1)
-        return nll_sum / n
+        return nll_sum / n, n
 
     def _replica_eval(self, batch):
         images, labels = batch["images"], batch.get("labels")
@@ -484,7 +523,8 @@ def train(
             running, tick = None, time.monotonic()
             stopped_early = False
             for batch in dist_train:
-                nll = float(trainer.train_step(batch))
+                loss, count = trainer.train_step(batch)
+                nll, count = float(loss), int(count)
                 step = int(trainer.step)
                 if not math.isfinite(nll):
                     raise FloatingPointError(
@@ -493,10 +533,10 @@ def train(
                         "the data."
                     )
                 now = time.monotonic()
-                rate = batch_size / max(now - tick, 1e-9)  # the last batch may be smaller
+                rate = count / max(now - tick, 1e-9)
                 tick = now
                 running = nll if running is None else 0.98 * running + 0.02 * nll
-                bar.update(batch_size)
+                bar.update(count)
                 bar.set_postfix(bpd=f"{trainer.bits_per_dim(running):.3f}", img_s=f"{rate:.1f}")
                 with writers["train"].as_default():
                     tf.summary.scalar("nll", nll, step=step)

@@ -48,8 +48,14 @@ def test_sample_writes_png_and_integer_npz(run_dir, tmp_path):
     assert images.shape == (3, 28, 28, 1) and images.dtype.kind == "i"
     assert images.min() >= 0 and images.max() <= 255
     assert Image.open(out).size == (2 * 29 + 1, 2 * 29 + 1)
+    # the tests run with 2 logical CPU devices: the images above were split over two
+    # replicas; one device draws the same integers
     again = tmp_path / "t.png"
-    invoke("--log-dir", run_dir, "sample", "--num", 3, "--seed", 5, "--output", again)
+    result = invoke(
+        "--log-dir", run_dir, "sample", "--num", 3, "--seed", 5, "--devices", "single",
+        "--output", again,
+    )
+    assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(images, np.load(again.with_suffix(".npz"))["images"])
 
 
@@ -65,6 +71,13 @@ def test_evaluate_matches_training_and_writes_per_image_csv(run_dir, tmp_path):
     assert len(rows) == 500
     mean_bpd = np.mean([float(r["bits_per_dim"]) for r in rows])
     assert mean_bpd == pytest.approx(report["bits_per_dim"], rel=1e-5)
+    # the tests run with 2 logical CPU devices, so the above split every batch over two
+    # replicas; one device gives the same score for every image, in the same order
+    single = tmp_path / "single.csv"
+    result = invoke("--log-dir", run_dir, "evaluate", "--devices", "single", "--per-image", single)
+    assert result.exit_code == 0, result.output
+    one = [float(r["log_prob_nats"]) for r in csv.DictReader(single.open())]
+    np.testing.assert_allclose(one, [float(r["log_prob_nats"]) for r in rows], rtol=1e-5)
 
 
 def test_complete_keeps_the_known_rows(run_dir, tmp_path):

@@ -63,7 +63,7 @@ def run_steps(trainer, images, batch=8):
     ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
     losses = []
     for b in trainer.strategy.experimental_distribute_dataset(ds):
-        losses.append(float(trainer.train_step(b)))
+        losses.append(float(trainer.train_step(b)[0]))
     return losses
 
 
@@ -124,7 +124,7 @@ WORKER = textwrap.dedent(
         ds = ds.map(lambda x: x[ctx.input_pipeline_id * 4:(ctx.input_pipeline_id + 1) * 4])
         return ds.map(lambda x: {{"images": tf.cast(x, tf.float32) * (2 / 255) - 1}})
 
-    losses = [float(trainer.train_step(b)) for b in strategy.distribute_datasets_from_function(dataset_fn)]
+    losses = [float(trainer.train_step(b)[0]) for b in strategy.distribute_datasets_from_function(dataset_fn)]
     print("LOSSES", json.dumps(losses))
     """
 )
