@@ -419,31 +419,25 @@ class _FastPlan:
         state[key + "/left"] = value
         return window
 
-    def _u_streams(self):
-        """Names of the u-type row streams: (resolution, key, channels)."""
+    def _streams(self, kind: str):
+        """Names of the cached streams of one kind, "u" (whole rows) or "ul" (single
+        positions): (resolution, key, channels)."""
         f = self.filters
+        up = self.model.up_u if kind == "u" else self.model.up_ul
+        down = self.down_u if kind == "u" else self.down_ul
         for r in range(self.levels):
-            for k in range(len(self.model.up_u[r])):
-                yield r, f"u/r{r}/up{k}/c1", 2 * f
-                yield r, f"u/r{r}/up{k}/c2", 2 * f
-            for k in range(len(self.down_u[r])):
-                yield r, f"u/r{r}/down{k}/c1", 2 * f
-                yield r, f"u/r{r}/down{k}/c2", 2 * f
+            for part, blocks in (("up", up[r]), ("down", down[r])):
+                for k in range(len(blocks)):
+                    yield r, f"{kind}/r{r}/{part}{k}/c1", 2 * f
+                    yield r, f"{kind}/r{r}/{part}{k}/c2", 2 * f
             if r + 1 < self.levels:
-                yield r, f"u/r{r}/halve", f
+                yield r, f"{kind}/r{r}/halve", f
+
+    def _u_streams(self):
+        return self._streams("u")
 
     def _ul_streams(self):
-        """Names of the ul-type position streams: (resolution, key, channels)."""
-        f = self.filters
-        for r in range(self.levels):
-            for k in range(len(self.model.up_ul[r])):
-                yield r, f"ul/r{r}/up{k}/c1", 2 * f
-                yield r, f"ul/r{r}/up{k}/c2", 2 * f
-            for k in range(len(self.down_ul[r])):
-                yield r, f"ul/r{r}/down{k}/c1", 2 * f
-                yield r, f"ul/r{r}/down{k}/c2", 2 * f
-            if r + 1 < self.levels:
-                yield r, f"ul/r{r}/halve", f
+        return self._streams("ul")
 
     def initial_state(self, n: int, zero: tf.Tensor) -> dict:
         """All caches, filled with ``zero`` (a scalar 0): see the class docstring.
