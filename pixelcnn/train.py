@@ -468,7 +468,7 @@ def train(
     manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=chkpt_to_keep)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} at step {int(trainer.step)}")
+        print(f"resumed from {manager.latest_checkpoint} at step {_value(trainer.step)}")
     else:
         init = _as_dict(data.to_model_input(first, model.num_bits))
         trainer.initialize(
@@ -507,13 +507,13 @@ def train(
 
     last_save = time.monotonic()
     with _StopRequested() as stop:
-        while int(trainer.epoch) < max_epoch:
-            if max_steps is not None and int(trainer.step) >= max_steps:
+        while _value(trainer.epoch) < max_epoch:
+            if max_steps is not None and _value(trainer.step) >= max_steps:
                 break
-            epoch = int(trainer.epoch)
+            epoch = _value(trainer.epoch)
             # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
             # order this continues the same curve exactly.
-            skip = int(trainer.step_in_epoch)
+            skip = _value(trainer.step_in_epoch)
             dist_train = strategy.experimental_distribute_dataset(train_ds.skip(skip))
             bar = tqdm(
                 desc=f"epoch {epoch + 1}/{max_epoch}",
@@ -525,7 +525,7 @@ def train(
             for batch in dist_train:
                 loss, count = trainer.train_step(batch)
                 nll, count = float(loss), int(count)
-                step = int(trainer.step)
+                step = _value(trainer.step)
                 if not math.isfinite(nll):
                     raise FloatingPointError(
                         f"the training loss became {nll} at step {step}; the last good "
@@ -565,24 +565,29 @@ def train(
                 trainer.step_in_epoch.assign(0)
             result["test_bits_per_dim"] = run_eval()
             print(
-                f"epoch {int(trainer.epoch)} step {int(trainer.step)}: test bits/dim "
+                f"epoch {_value(trainer.epoch)} step {_value(trainer.step)}: test bits/dim "
                 f"{result['test_bits_per_dim']:.4f} (EMA weights)"
             )
-            if not stopped_early and int(trainer.epoch) % log_images_every == 0:
-                samples(int(trainer.step))
-            save(f"epoch {int(trainer.epoch)}")
+            if not stopped_early and _value(trainer.epoch) % log_images_every == 0:
+                samples(_value(trainer.step))
+            save(f"epoch {_value(trainer.epoch)}")
             last_save = time.monotonic()
     if result["test_bits_per_dim"] is None:
         result["test_bits_per_dim"] = run_eval()
     if not result["samples"]:
-        samples(int(trainer.step))
+        samples(_value(trainer.step))
     save("end")
     for w in writers.values():
         w.flush()
-    result.update(step=int(trainer.step), epoch=int(trainer.epoch))
+    result.update(step=_value(trainer.step), epoch=_value(trainer.epoch))
     if chief:
         write_text_atomic(log_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _value(variable) -> int:
+    """An integer variable's value, also for mirrored variables (cross-replica read)."""
+    return int(tf.convert_to_tensor(variable).numpy())
 
 
 def _task_id(strategy) -> int:

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import gin
@@ -52,8 +55,17 @@ def test_sample_writes_png_and_integer_npz(run_dir, tmp_path):
     # replicas; one device draws the same integers
     again = tmp_path / "t.png"
     result = invoke(
-        "--log-dir", run_dir, "sample", "--num", 3, "--seed", 5, "--devices", "single",
-        "--output", again,
+        "--log-dir",
+        run_dir,
+        "sample",
+        "--num",
+        3,
+        "--seed",
+        5,
+        "--devices",
+        "single",
+        "--output",
+        again,
     )
     assert result.exit_code == 0, result.output
     np.testing.assert_array_equal(images, np.load(again.with_suffix(".npz"))["images"])
@@ -102,3 +114,27 @@ def test_missing_run_dir_and_checkpoint_are_clear_errors(tmp_path, command):
     )
     result = CliRunner().invoke(cli.main, ["--log-dir", str(tmp_path / "empty"), command])
     assert result.exit_code != 0 and "no checkpoint" in result.output
+
+
+def test_multigpu_trains_and_resumes_on_two_logical_cpus(tmp_path):
+    """`--cpu-devices 2 multigpu` mirrors over two logical CPU devices, then resumes.
+
+    A subprocess, as a user runs it: one MirroredStrategy per process (several in one
+    process can confuse TensorFlow's collective ops on CPU).
+    """
+    base = [sys.executable, str(ROOT / "main.py"), "--cpu-devices", "2", "--config", TINY]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    first = subprocess.run(
+        [*base, "--log-dir", str(tmp_path), "multigpu"], capture_output=True, text=True, env=env
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "2 replica(s)" in first.stdout
+    again = subprocess.run(
+        [*base, "--binding", "train.max_steps = 3", "--log-dir", str(tmp_path), "multigpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout
+    assert json.loads((tmp_path / "metrics.json").read_text())["step"] == 3
