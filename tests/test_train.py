@@ -58,6 +58,13 @@ def make_trainer(strategy):
     )
 
 
+def set_weights(trainer, weights):
+    """Gives the trainer's model and its EMA copy the same given weights."""
+    for model in (trainer.model, trainer.ema):
+        for v, w in zip(model.trainable_variables, weights, strict=True):
+            v.assign(w)
+
+
 def run_steps(trainer, images, batch=8):
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch)
     ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
@@ -83,10 +90,7 @@ def test_mirrored_matches_one_device_and_partial_batches_are_means():
         ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
     ]:
         trainer = make_trainer(strategy)
-        for v, w in zip(trainer.model.trainable_variables, weights, strict=True):
-            v.assign(w)
-        for v, w in zip(trainer.ema.trainable_variables, weights, strict=True):
-            v.assign(w)
+        set_weights(trainer, weights)
         losses = run_steps(trainer, images[:16])
         # the loss of the partial batch is the mean NLL of its 4 images
         last = tf.constant(images[16:], tf.int32)
@@ -112,10 +116,7 @@ WORKER = textwrap.dedent(
     blob = np.load({blob!r}, allow_pickle=True)
     images, weights = blob["images"], list(blob["weights"])
     trainer = t.make_trainer(strategy)
-    for v, w in zip(trainer.model.trainable_variables, weights):
-        v.assign(w)
-    for v, w in zip(trainer.ema.trainable_variables, weights):
-        v.assign(w)
+    t.set_weights(trainer, weights)
     index = int(json.loads(os.environ["TF_CONFIG"])["task"]["index"])
 
     def dataset_fn(ctx):
@@ -168,10 +169,7 @@ def test_multiworker_matches_one_device(tmp_path):
     losses = [json.loads(out.split("LOSSES")[-1].strip().splitlines()[0]) for out in outputs]
 
     trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
-    for v, w in zip(trainer.model.trainable_variables, weights, strict=True):
-        v.assign(w)
-    for v, w in zip(trainer.ema.trainable_variables, weights, strict=True):
-        v.assign(w)
+    set_weights(trainer, weights)
     expected = run_steps(trainer, images)
     for worker_losses in losses:
         np.testing.assert_allclose(worker_losses, expected, rtol=1e-5)
