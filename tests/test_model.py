@@ -170,6 +170,42 @@ def test_dropout_only_in_training(rng):
     assert np.abs(model(x, training=True).numpy() - model(x).numpy()).max() > 0
 
 
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_mask_rate_and_scale(rate):
+    keep, scale = layers.dropout_keep_mask(tf.constant([64, 32, 32, 16]), rate, tf.constant([3, 4]))
+    frac = np.mean(keep.numpy())
+    n = keep.shape.num_elements()
+    # The kept fraction is Binomial(n, 1 - rate) / n: 5 standard deviations.
+    assert abs(frac - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert abs(scale - 1 / (1 - rate)) < 1e-4 / (1 - rate) ** 2
+    again, _ = layers.dropout_keep_mask(tf.constant([64, 32, 32, 16]), rate, tf.constant([3, 4]))
+    np.testing.assert_array_equal(keep.numpy(), again.numpy())
+
+
+@pytest.mark.parametrize("dtype", [tf.float64, tf.bfloat16])
+def test_concat_elu_dropout_matches_autodiff(rng, dtype):
+    x = tf.constant(rng.normal(0, 2, (3, 4, 5, 6)), dtype)
+    x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0]], tf.zeros([1], dtype))  # an exact zero
+    keep, scale = layers.dropout_keep_mask(tf.constant([3, 4, 5, 12]), 0.3, tf.constant([1, 2]))
+    dy = tf.constant(rng.normal(size=(3, 4, 5, 12)), dtype)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        fused = layers.concat_elu_dropout(x, keep, scale)
+        plain = tf.where(
+            keep, layers.concat_elu(x) * tf.constant(scale, dtype), tf.zeros([], dtype)
+        )
+        fused_sum = tf.reduce_sum(fused * dy)
+        plain_sum = tf.reduce_sum(plain * dy)
+    tol = 1e-12 if dtype == tf.float64 else 2e-2
+    np.testing.assert_allclose(tf.cast(fused, tf.float64), tf.cast(plain, tf.float64), rtol=tol)
+    np.testing.assert_allclose(
+        tf.cast(tape.gradient(fused_sum, x), tf.float64),
+        tf.cast(tape.gradient(plain_sum, x), tf.float64),
+        rtol=tol,
+        atol=tol,
+    )
+
+
 # ----------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "kwargs,message",

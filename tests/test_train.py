@@ -81,6 +81,30 @@ def initial_weights():
     return [w.numpy() for w in model.trainable_variables]
 
 
+def test_fused_adam_matches_keras_adam(rng):
+    import keras
+
+    shapes = [(2, 3, 4, 5), (5,)]
+    start = [rng.normal(size=s).astype(np.float32) for s in shapes]
+    grads = [[tf.constant(rng.normal(size=s), tf.float32) for s in shapes] for _ in range(6)]
+    results = []
+    for cls in (keras.optimizers.Adam, training.FusedAdam):
+        variables = [tf.Variable(v) for v in start]
+        schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.9)
+        optimizer = cls(schedule, beta_1=0.95, beta_2=0.9995)
+        optimizer.build(variables)
+        step = tf.function(lambda g, o=optimizer, v=variables: o.apply_gradients(zip(g, v)))
+        for g in grads:
+            step(g)
+        moved = [v.numpy() - s for v, s in zip(variables, start, strict=True)]
+        results.append(moved + [v.numpy() for v in optimizer.variables[1:]])
+    # The kernel forms 1 - beta_2 from float32 beta_2 (1 - 0.9995f is 0.0005 * (1 -
+    # 7e-5)), Keras from the Python float: updates agree to that relative precision.
+    for keras_value, fused_value in zip(*results, strict=True):
+        np.testing.assert_allclose(fused_value, keras_value, rtol=2e-4, atol=1e-9)
+    assert np.abs(results[1][0]).max() > 1e-2  # the variables did move
+
+
 def test_mirrored_matches_one_device_and_partial_batches_are_means():
     """2 full global batches then a partial one of 4 images (split over 2 replicas)."""
     images, weights = make_batches(n_batches=3)[:20], initial_weights()
