@@ -5,10 +5,15 @@
 
 B1 is the seed's MNIST configuration (32x32x1, filters 64, 2 layers per block,
 3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
-per block, 10 mixtures, batch 8). Each (config, precision) runs in a fresh process, so
-its peak RSS is its own. The timed steps are the ones training uses
-(pixelcnn.train.Trainer.train_step / eval_step), on synthetic data already in memory.
-Evaluation always runs the float32 EMA model, so its fraction is of the float32 peak.
+per block, 10 mixtures, batch 8). Each row runs in a fresh process, so its peak RSS is
+its own. The timed steps are the ones training uses (pixelcnn.train.Trainer.train_step /
+eval_step), on synthetic data already in memory. Evaluation always runs the float32 EMA
+model, so its fraction is of the float32 peak.
+
+Besides the defaults, three variants of float32 training are measured (``--variants``):
+"no-recompute" (PixelCNNPP.recompute_activations = False: faster, more memory), "xla"
+(the training step compiled with XLA, jit_compile=True) and "4-steps-per-call" (four
+training steps inside one tf.function call, as Keras' steps_per_execution does).
 Results: a table on stdout and JSON in benchmarks/results/throughput.json.
 """
 
@@ -104,7 +109,10 @@ def pipeline_throughput(batch: int = 16, seconds: float = 3.0) -> float:
     return images / (time.perf_counter() - start)
 
 
-def measure(name: str, precision: str, steps: int) -> dict:
+VARIANTS = ("default", "no-recompute", "xla", "4-steps-per-call")
+
+
+def measure(name: str, precision: str, steps: int, variant: str = "default") -> dict:
     """Runs in a child process: times train and eval steps of one configuration."""
     import numpy as np
     import tensorflow as tf
@@ -116,8 +124,16 @@ def measure(name: str, precision: str, steps: int) -> dict:
     batch = cfg.pop("batch")
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
 
+    recompute = variant != "no-recompute"
+
     def model_fn(dtype):
-        return PixelCNNPP(residual_blocks=3, dropout_rate=0.5, dtype=dtype, **cfg)
+        return PixelCNNPP(
+            residual_blocks=3,
+            dropout_rate=0.5,
+            recompute_activations=recompute,
+            dtype=dtype,
+            **cfg,
+        )
 
     trainer = Trainer(strategy, model_fn, 1e-3, 0.999995, 0.95, 0.9995, 0.9995, precision)
     rng = np.random.default_rng(0)
@@ -136,12 +152,27 @@ def measure(name: str, precision: str, steps: int) -> dict:
         float(tf.nest.flatten(out)[0])
         return n * batch / (time.perf_counter() - start)
 
-    train_ips = timed(trainer.train_step, steps)
-    eval_ips = timed(trainer.eval_step, steps)
+    train_step, images_per_call = trainer.train_step, batch
+    if variant == "xla":
+        train_step = tf.function(trainer._train_step, jit_compile=True)
+    elif variant == "4-steps-per-call":
+
+        @tf.function
+        def train_step(batch):
+            out = trainer._train_step(batch)
+            for _ in tf.range(3):
+                out = trainer._train_step(batch)
+            return out
+
+        images_per_call = 4 * batch
+        steps = max(1, steps // 4)
+    train_ips = timed(train_step, steps) * images_per_call / batch
+    eval_ips = timed(trainer.eval_step, steps) if variant == "default" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
     return {
         "config": name,
         "precision": precision,
+        "variant": variant,
         "batch": batch,
         "forward_gflop_per_image": flops / 1e9,
         "train_gflop_per_image": 3 * flops / 1e9,
@@ -151,19 +182,39 @@ def measure(name: str, precision: str, steps: int) -> dict:
     }
 
 
+# Variants of float32 training, measured once each (the XLA and several-steps rows only
+# on B1: one B2 XLA compile alone takes minutes).
+VARIANT_ROWS = [("B1", "no-recompute"), ("B1", "xla"), ("B1", "4-steps-per-call")]
+VARIANT_ROWS += [("B2", "no-recompute")]
+
+
+def run_child(name: str, precision: str, steps: int, variant: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", name, precision, str(steps), variant],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise RuntimeError(f"{name} {precision} {variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="B1,B2")
     parser.add_argument("--precisions", default="float32,bfloat16")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 8 B1, 3 B2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 12 B1, 3 B2)")
+    parser.add_argument("--no-variants", action="store_true", help="skip the variant rows")
     parser.add_argument(
         "--output", default=str(Path(__file__).parent / "results" / "throughput.json")
     )
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        name, precision, steps = args.child
-        print("RESULT " + json.dumps(measure(name, precision, int(steps))))
+        name, precision, steps, variant = args.child
+        print("RESULT " + json.dumps(measure(name, precision, int(steps), variant)))
         return
 
     import tensorflow as tf
@@ -174,36 +225,34 @@ def main() -> None:
     )
     pipeline = pipeline_throughput()
     print(f"input pipeline alone: {pipeline:.0f} images/s")
+    configs = args.configs.split(",")
+    jobs = [(n, p, "default") for n in configs for p in args.precisions.split(",")]
+    if not args.no_variants:
+        jobs += [(n, "float32", v) for n, v in VARIANT_ROWS if n in configs]
     rows = []
-    for name in args.configs.split(","):
-        for precision in args.precisions.split(","):
-            steps = args.steps or (8 if name == "B1" else 3)
-            out = subprocess.run(
-                [sys.executable, __file__, "--child", name, precision, str(steps)],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(f"{name} {precision} failed:\n{out.stderr[-3000:]}")
-            r = json.loads(line[0][7:])
-            peak = peaks[precision]
-            r["train_fraction_of_peak"] = (
-                r["train_images_per_s"] * r["train_gflop_per_image"] / peak
-            )
-            # Evaluation runs the float32 EMA model whatever the training precision.
+    for name, precision, variant in jobs:
+        steps = args.steps or (12 if name == "B1" else 3)
+        r = run_child(name, precision, steps, variant)
+        r["train_fraction_of_peak"] = (
+            r["train_images_per_s"] * r["train_gflop_per_image"] / (peaks[precision])
+        )
+        # Evaluation runs the float32 EMA model whatever the training precision.
+        if r["eval_images_per_s"] is not None:
             r["eval_fraction_of_peak"] = (
                 r["eval_images_per_s"] * r["forward_gflop_per_image"] / peaks["float32"]
             )
-            rows.append(r)
-            print(
-                f"{name} {precision:9s} train {r['train_images_per_s']:7.2f} img/s "
-                f"({100 * r['train_fraction_of_peak']:3.0f}% of peak)  eval "
-                f"{r['eval_images_per_s']:7.2f} img/s ({100 * r['eval_fraction_of_peak']:3.0f}%)  "
-                f"RSS {r['peak_rss_gb']:.2f} GB",
-                flush=True,
-            )
+        rows.append(r)
+        evaluation = (
+            f"eval {r['eval_images_per_s']:7.2f} img/s ({100 * r['eval_fraction_of_peak']:3.0f}%)"
+            if r["eval_images_per_s"] is not None
+            else ""
+        )
+        print(
+            f"{name} {precision:9s} {variant:16s} train {r['train_images_per_s']:7.2f} img/s "
+            f"({100 * r['train_fraction_of_peak']:3.0f}% of peak)  {evaluation}  "
+            f"RSS {r['peak_rss_gb']:.2f} GB",
+            flush=True,
+        )
     result = {
         "machine": {"cpus": os.cpu_count(), "tensorflow": tf.__version__},
         "matmul_peak_gflops": peaks,

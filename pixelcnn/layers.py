@@ -107,14 +107,23 @@ class ConcatEluDropout(keras.layers.Layer):
         self.rate = float(rate)
         if self.rate > 0:
             self.seed_generator = keras.random.SeedGenerator()
+        self.built = True  # nothing depends on the input shape
 
-    def call(self, x, training=False):
+    def activation(self, x, training=False):
+        """The function ``x -> dropout(concat_elu(x))`` to apply to this ``x``.
+
+        The mask is drawn here, outside the function, so the function is pure and can
+        be recomputed in the backward pass (see ``WeightNormConv2D.on``).
+        """
         if not training or self.rate == 0:
-            return concat_elu(x)
+            return concat_elu
         seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)
         shape = tf.concat([tf.shape(x)[:-1], 2 * tf.shape(x)[-1:]], 0)
         keep, scale = dropout_keep_mask(shape, self.rate, seed)
-        return concat_elu_dropout(x, keep, scale)
+        return lambda x: concat_elu_dropout(x, keep, scale)
+
+    def call(self, x, training=False):
+        return self.activation(x, training)(x)
 
 
 def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[int]]:
@@ -233,6 +242,41 @@ class WeightNormConv2D(_WeightNorm):
             return self._initialise(x)
         return self.preactivation(x)
 
+    def on(self, f, x: tf.Tensor, init: bool = False) -> tf.Tensor:
+        """``self(f(x))`` for an elementwise ``f``, without keeping ``f(x)`` for backprop.
+
+        The convolution's backward pass needs its input; when that input is
+        ``concat_elu(x)`` it is twice the size of ``x``. Here only ``x`` is kept and
+        ``f(x)`` is recomputed in the backward pass (a few elementwise ops against a
+        convolution), which lowers the training step's peak memory.
+        """
+        if init or not self.built:
+            return self(f(x), init=init)
+        dtype = self.compute_dtype
+
+        def forward(x, kernel, bias):
+            return self._apply(self.pad(f(x)), kernel) + bias
+
+        @tf.custom_gradient
+        def run(x, kernel, bias):
+            def grad(dy):
+                # The control dependency makes the recomputation wait for dy and keeps
+                # graph optimisation from merging it with the forward pass (which
+                # would keep f(x) alive after all).
+                with tf.control_dependencies([dy]):
+                    x_again = tf.identity(x)
+                with tf.GradientTape() as tape:
+                    tape.watch([x_again, kernel, bias])
+                    # Only the gradients are used: graph pruning drops the recomputed
+                    # convolution itself, the elementwise f is what is recomputed.
+                    y = forward(x_again, kernel, bias)
+                return tape.gradient(y, [x_again, kernel, bias], output_gradients=dy)
+
+            return forward(x, kernel, bias), grad
+
+        kernel = tf.cast(self._kernel(), dtype)
+        return run(tf.cast(x, dtype), kernel, tf.cast(self.b, dtype))
+
 
 class WeightNormConv2DTranspose(_WeightNorm):
     """A weight-normalised stride-2 transposed conv that doubles H and W causally.
@@ -296,7 +340,9 @@ class GatedResnet(keras.layers.Layer):
     return x + c[..., :F] * sigmoid(c[..., F:]), with f = concat_elu.
 
     ``shift`` selects the conv: "down" (kernel [2, 3], the u stream) or "down_right"
-    (kernel [2, 2], the ul stream).
+    (kernel [2, 2], the ul stream). With ``recompute``, the convs keep their inputs
+    x, a and c for the backward pass instead of f(x), f(a) and dropout(f(c)), half the
+    size, and recompute f there (see ``WeightNormConv2D.on``).
     """
 
     def __init__(
@@ -306,11 +352,13 @@ class GatedResnet(keras.layers.Layer):
         has_aux: bool,
         num_classes: int | None,
         dropout_rate: float,
+        recompute: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
         kernel = (2, 3) if shift == "down" else (2, 2)
         self.filters = int(filters)
+        self.recompute = bool(recompute)
         policy = self.dtype_policy
         self.conv1 = WeightNormConv2D(filters, kernel, shift, dtype=policy, name="conv1")
         self.nin_aux = WeightNormConv2D(filters, dtype=policy, name="nin_aux") if has_aux else None
@@ -332,12 +380,16 @@ class GatedResnet(keras.layers.Layer):
         )
 
     def call(self, x, a=None, h=None, training=False, init=False):
-        c = self.conv1(concat_elu(x), init=init)
+        c = self._conv(self.conv1, concat_elu, x, init)
         if self.nin_aux is not None:
-            c = c + self.nin_aux(concat_elu(a), init=init)
-        c = self.dropout(c, training=training)
-        c = self.conv2(c, init=init)
+            c = c + self._conv(self.nin_aux, concat_elu, a, init)
+        c = self._conv(self.conv2, self.dropout.activation(c, training), c, init)
         return self.gate(x, c, h)
+
+    def _conv(self, conv, f, x, init):
+        if self.recompute:
+            return conv.on(f, x, init=init)
+        return conv(f(x), init=init)
 
     def gate(self, x, c, h=None):
         """x + p * sigmoid(q) where (p, q) = c (+ W h) split on channels."""
