@@ -11,7 +11,8 @@ eval_step), on synthetic data already in memory. Evaluation always runs the floa
 model, so its fraction is of the float32 peak.
 
 Besides the defaults, three variants of float32 training are measured (``--variants``):
-"no-recompute" (PixelCNNPP.recompute_activations = False: faster, more memory), "xla"
+"no-recompute" (PixelCNNPP.recompute_activations = False: faster, more memory; it is
+already off for bfloat16), "xla"
 (the training step compiled with XLA, jit_compile=True) and "4-steps-per-call" (four
 training steps inside one tf.function call, as Keras' steps_per_execution does).
 Results: a table on stdout and JSON in benchmarks/results/throughput.json.
@@ -78,19 +79,23 @@ def conv_flops(model) -> float:
     return total
 
 
-def matmul_peak(dtype: str, n: int = 2048, seconds: float = 3.0) -> float:
-    """GFLOP/s of an n x n matmul in this dtype."""
+def matmul_peak(dtype: str, n: int = 2048, windows: int = 7) -> float:
+    """GFLOP/s of an n x n matmul in this dtype: the median of one-second windows."""
+    import numpy as np
     import tensorflow as tf
 
     a = tf.random.normal([n, n], dtype=tf.float32)
     a = tf.cast(a, dtype)
     f = tf.function(lambda a: tf.matmul(a, a))
     f(a).numpy()
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        f(a).numpy()
-        reps += 1
-    return 2.0 * n**3 * reps / (time.perf_counter() - start) / 1e9
+    rates = []
+    for _ in range(windows):
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            f(a).numpy()
+            reps += 1
+        rates.append(2.0 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return float(np.median(rates))
 
 
 def pipeline_throughput(batch: int = 16, seconds: float = 3.0) -> float:
@@ -124,7 +129,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
     batch = cfg.pop("batch")
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
 
-    recompute = variant != "no-recompute"
+    recompute = False if variant == "no-recompute" else None  # None: the model's default
 
     def model_fn(dtype):
         return PixelCNNPP(
@@ -144,13 +149,19 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
     flops = conv_flops(trainer.ema)
 
     def timed(fn, n):
+        """Images per second of one call, from the median of n timed calls.
+
+        The median, because this machine's speed drifts by 10-15% from one second
+        to the next; a mean over a few calls moved the figures by that much.
+        """
         fn(batch_dict)  # trace and warm up
         float(tf.nest.flatten(fn(batch_dict))[0])
-        start = time.perf_counter()
+        times = []
         for _ in range(n):
-            out = fn(batch_dict)
-        float(tf.nest.flatten(out)[0])
-        return n * batch / (time.perf_counter() - start)
+            start = time.perf_counter()
+            float(tf.nest.flatten(fn(batch_dict))[0])
+            times.append(time.perf_counter() - start)
+        return batch / float(np.median(times))
 
     train_step, images_per_call = trainer.train_step, batch
     if variant == "xla":
@@ -165,7 +176,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
             return out
 
         images_per_call = 4 * batch
-        steps = max(1, steps // 4)
+        steps = max(3, steps // 4)
     train_ips = timed(train_step, steps) * images_per_call / batch
     eval_ips = timed(trainer.eval_step, steps) if variant == "default" else None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
@@ -205,7 +216,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default="B1,B2")
     parser.add_argument("--precisions", default="float32,bfloat16")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 12 B1, 3 B2)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 16 B1, 4 B2)")
     parser.add_argument("--no-variants", action="store_true", help="skip the variant rows")
     parser.add_argument(
         "--output", default=str(Path(__file__).parent / "results" / "throughput.json")
@@ -231,7 +242,7 @@ def main() -> None:
         jobs += [(n, "float32", v) for n, v in VARIANT_ROWS if n in configs]
     rows = []
     for name, precision, variant in jobs:
-        steps = args.steps or (12 if name == "B1" else 3)
+        steps = args.steps or (16 if name == "B1" else 4)
         r = run_child(name, precision, steps, variant)
         r["train_fraction_of_peak"] = (
             r["train_images_per_s"] * r["train_gflop_per_image"] / (peaks[precision])

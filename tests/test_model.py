@@ -239,6 +239,15 @@ def test_recomputed_activations_give_the_same_gradients(rng):
     assert all(np.abs(g).max() > 0 for g in recomputed[1:])
 
 
+def test_recompute_default_follows_the_compute_dtype():
+    for dtype, expected in (("float32", True), ("mixed_bfloat16", False)):
+        model = tiny((4, 4, 1), dtype=dtype)
+        resnets = [r for r in model._flatten_layers() if isinstance(r, layers.GatedResnet)]
+        assert model.recompute_activations is expected
+        assert resnets and all(r.recompute is expected for r in resnets)
+    assert tiny((4, 4, 1), dtype="mixed_bfloat16", recompute_activations=True).recompute_activations
+
+
 # ----------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     "kwargs,message",
