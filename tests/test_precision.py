@@ -18,7 +18,7 @@ def digits(n_train=1024, n_test=256):
     return images[:n_train], images[n_train : n_train + n_test]
 
 
-def train_and_evaluate(precision, train_images, test_images, steps=400, batch=16):
+def train_and_evaluate(precision, train_images, test_images, steps=250, batch=16):
     def model_fn(dtype):
         return PixelCNNPP(
             SHAPE,
@@ -60,6 +60,7 @@ def test_bfloat16_training_matches_float32_bits_per_dim():
     # 8 bits/dim is a uniform guess: the model must have learned for the comparison to mean much
     assert fp32 < 4.5
     print(f"test bits/dim: float32 {fp32:.4f}, bfloat16 {bf16:.4f}")
-    # One-sided: bfloat16 must not be worse. Measured here it ends about 0.03 bits/dim
-    # *better* than float32 after this short run (a different trajectory, not a cost).
+    # One-sided: bfloat16 must not be worse. Measured here it ends about 0.06 bits/dim
+    # *better* than float32 after this short run (3.592 against 3.650: a different
+    # trajectory, not a cost).
     assert bf16 - fp32 < 0.02, (fp32, bf16)
