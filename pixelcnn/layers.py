@@ -79,7 +79,7 @@ def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor, scale: float) -> tf.Tensor
 
     @tf.custom_gradient
     def forward(x):
-        y = tf.where(keep, tf.nn.elu(tf.concat([x, -x], axis=-1)) * scale, tf.zeros([], x.dtype))
+        y = tf.where(keep, concat_elu(x) * scale, tf.zeros([], x.dtype))
 
         def grad(dy):
             dz = tf.where(keep, dy * tf.where(y > 0, scale, y + scale), tf.zeros([], x.dtype))
