@@ -10,11 +10,11 @@ its own. The timed steps are the ones training uses (pixelcnn.train.Trainer.trai
 eval_step), on synthetic data already in memory. Evaluation always runs the float32 EMA
 model, so its fraction is of the float32 peak.
 
-Besides the defaults, three variants of float32 training are measured (``--variants``):
-"no-recompute" (PixelCNNPP.recompute_activations = False: faster, more memory; it is
-already off for bfloat16), "xla"
-(the training step compiled with XLA, jit_compile=True) and "4-steps-per-call" (four
-training steps inside one tf.function call, as Keras' steps_per_execution does).
+Besides the defaults, three variants of float32 training are measured (skip them with
+``--no-variants``): "no-recompute" (PixelCNNPP.recompute_activations = False: faster,
+more memory; it is already off for bfloat16), "xla" (the training step compiled with
+XLA, jit_compile=True) and "4-steps-per-call" (four training steps inside one
+tf.function call, as Keras' steps_per_execution does); see VARIANT_ROWS.
 Results: a table on stdout and JSON in benchmarks/results/throughput.json.
 """
 
@@ -112,9 +112,6 @@ def pipeline_throughput(batch: int = 16, seconds: float = 3.0) -> float:
     while time.perf_counter() - start < seconds:
         images += int(next(it)[0].shape[0])
     return images / (time.perf_counter() - start)
-
-
-VARIANTS = ("default", "no-recompute", "xla", "4-steps-per-call")
 
 
 def measure(name: str, precision: str, steps: int, variant: str = "default") -> dict:
