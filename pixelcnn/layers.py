@@ -36,9 +36,22 @@ def right_shift(x: tf.Tensor) -> tf.Tensor:
     return tf.pad(x[:, :, :-1], [[0, 0], [0, 0], [1, 0], [0, 0]])
 
 
+def _concat_elu_grad(dy: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """The gradient of ``concat_elu`` with respect to x, from its output y.
+
+    One EluGrad over both halves (d elu(z) / dz = 1 if z > 0 else elu(z) + 1), then
+    dx = d_pos - d_neg: three passes over the tensor, where autodiff of the concat
+    and the negation takes five.
+    """
+    pos, neg = tf.split(tf.raw_ops.EluGrad(gradients=dy, outputs=y), 2, axis=-1)
+    return pos - neg
+
+
+@tf.custom_gradient
 def concat_elu(x: tf.Tensor) -> tf.Tensor:
     """elu(concat(x, -x)) on the channel axis: doubles the channel count."""
-    return tf.nn.elu(tf.concat([x, -x], axis=-1))
+    y = tf.nn.elu(tf.concat([x, -x], axis=-1))
+    return y, lambda dy: _concat_elu_grad(dy, y)
 
 
 # Dropout masks use 16 random bits per unit, half of what a float32 uniform draw costs
@@ -67,26 +80,21 @@ def dropout_keep_mask(shape, rate: float, seed) -> tuple[tf.Tensor, float]:
     return keep, _MASK_LEVELS / max(_MASK_LEVELS - threshold, 1)
 
 
-def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor, scale: float) -> tf.Tensor:
-    """``dropout(concat_elu(x))`` with a given keep-mask, differentiable in ``x``.
+def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
+    """``concat_elu(x)`` where ``keep``, 0 elsewhere; differentiable in ``x``.
 
-    Its gradient is computed from the output alone (which the next convolution keeps
-    anyway) and the boolean mask, so the network does not also keep the elu's output:
-    for a kept unit, y = scale * elu(z) and d y / d z = scale if y > 0, else
-    scale * exp(z) = y + scale.
+    Unscaled: the caller multiplies by the dropout scale, or better folds it into the
+    kernel of the linear map that follows (``WeightNormConv2D.on``), which saves a
+    pass over the tensor each way. The gradient is computed from the output (which
+    the next convolution keeps anyway) and the boolean mask, so the network does not
+    also keep the elu's output.
     """
-    scale = tf.constant(scale, x.dtype)
 
     @tf.custom_gradient
     def forward(x):
-        y = tf.where(keep, concat_elu(x) * scale, tf.zeros([], x.dtype))
-
-        def grad(dy):
-            dz = tf.where(keep, dy * tf.where(y > 0, scale, y + scale), tf.zeros([], x.dtype))
-            pos, neg = tf.split(dz, 2, axis=-1)
-            return pos - neg
-
-        return y, grad
+        zero = tf.zeros([], x.dtype)
+        y = tf.where(keep, tf.nn.elu(tf.concat([x, -x], axis=-1)), zero)
+        return y, lambda dy: _concat_elu_grad(tf.where(keep, dy, zero), y)
 
     return forward(x)
 
@@ -110,20 +118,23 @@ class ConcatEluDropout(keras.layers.Layer):
         self.built = True  # nothing depends on the input shape
 
     def activation(self, x, training=False):
-        """The function ``x -> dropout(concat_elu(x))`` to apply to this ``x``.
+        """``(f, scale)``: dropout(concat_elu(x)) is ``scale * f(x)`` for this ``x``.
 
-        The mask is drawn here, outside the function, so the function is pure and can
-        be recomputed in the backward pass (see ``WeightNormConv2D.on``).
+        The mask is drawn here, outside ``f``, so ``f`` is pure and can be recomputed
+        in the backward pass; ``scale`` (1 / P(keep) when training, else 1) is left to
+        the caller to fold into the next linear map (see ``WeightNormConv2D.on``).
         """
         if not training or self.rate == 0:
-            return concat_elu
+            return concat_elu, 1.0
         seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)
         shape = tf.concat([tf.shape(x)[:-1], 2 * tf.shape(x)[-1:]], 0)
         keep, scale = dropout_keep_mask(shape, self.rate, seed)
-        return lambda x: concat_elu_dropout(x, keep, scale)
+        return (lambda x: concat_elu_dropout(x, keep)), scale
 
     def call(self, x, training=False):
-        return self.activation(x, training)(x)
+        f, scale = self.activation(x, training)
+        y = f(x)
+        return y if scale == 1.0 else y * tf.constant(scale, y.dtype)
 
 
 def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[int]]:
@@ -242,16 +253,21 @@ class WeightNormConv2D(_WeightNorm):
             return self._initialise(x)
         return self.preactivation(x)
 
-    def on(self, f, x: tf.Tensor, init: bool = False) -> tf.Tensor:
-        """``self(f(x))`` for an elementwise ``f``, without keeping ``f(x)`` for backprop.
+    def on(
+        self, f, x: tf.Tensor, init: bool = False, scale: float = 1.0, recompute: bool = True
+    ) -> tf.Tensor:
+        """``self(scale * f(x))`` for an elementwise ``f``.
 
-        The convolution's backward pass needs its input; when that input is
-        ``concat_elu(x)`` it is twice the size of ``x``. Here only ``x`` is kept and
-        ``f(x)`` is recomputed in the backward pass (a few elementwise ops against a
-        convolution), which lowers the training step's peak memory.
+        ``scale`` multiplies the kernel (a few thousand numbers) rather than ``f(x)``.
+        With ``recompute``, ``f(x)`` is not kept for backprop: the convolution's
+        backward pass needs its input, and when that input is ``concat_elu(x)`` it is
+        twice the size of ``x``. Only ``x`` is kept and ``f(x)`` is recomputed in the
+        backward pass (a few elementwise ops against a convolution), which lowers the
+        training step's peak memory.
         """
         if init or not self.built:
-            return self(f(x), init=init)
+            y = f(x)
+            return self(y if scale == 1.0 else y * tf.constant(scale, y.dtype), init=init)
         dtype = self.compute_dtype
 
         def forward(x, kernel, bias):
@@ -274,8 +290,11 @@ class WeightNormConv2D(_WeightNorm):
 
             return forward(x, kernel, bias), grad
 
-        kernel = tf.cast(self._kernel(), dtype)
-        return run(tf.cast(x, dtype), kernel, tf.cast(self.b, dtype))
+        kernel = self._kernel()
+        if scale != 1.0:
+            kernel = kernel * scale
+        args = tf.cast(x, dtype), tf.cast(kernel, dtype), tf.cast(self.b, dtype)
+        return run(*args) if recompute else forward(*args)
 
 
 class WeightNormConv2DTranspose(_WeightNorm):
@@ -380,16 +399,12 @@ class GatedResnet(keras.layers.Layer):
         )
 
     def call(self, x, a=None, h=None, training=False, init=False):
-        c = self._conv(self.conv1, concat_elu, x, init)
+        c = self.conv1.on(concat_elu, x, init, recompute=self.recompute)
         if self.nin_aux is not None:
-            c = c + self._conv(self.nin_aux, concat_elu, a, init)
-        c = self._conv(self.conv2, self.dropout.activation(c, training), c, init)
+            c = c + self.nin_aux.on(concat_elu, a, init, recompute=self.recompute)
+        f, scale = self.dropout.activation(c, training)
+        c = self.conv2.on(f, c, init, scale, self.recompute)
         return self.gate(x, c, h)
-
-    def _conv(self, conv, f, x, init):
-        if self.recompute:
-            return conv.on(f, x, init=init)
-        return conv(f(x), init=init)
 
     def gate(self, x, c, h=None):
         """x + p * sigmoid(q) where (p, q) = c (+ W h) split on channels."""

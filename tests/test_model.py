@@ -104,21 +104,25 @@ def test_paper_sizes_build():
 # ----------------------------------------------------------------- weight-norm init
 def test_data_dependent_init_statistics(rng, monkeypatch):
     shape = (8, 8, 3)
-    # Without recompute every conv output passes through `call`, where it is recorded.
-    model = tiny(shape, residual_blocks=3, filters=16, recompute_activations=False)
+    model = tiny(shape, residual_blocks=3, filters=16)
     x = grid_batch(rng, 16, shape)
     model.initialize(x)
 
+    # Every conv output leaves through `call` or, in the gated resnets, `on`.
     recorded = []
-    for cls in (layers.WeightNormConv2D, layers.WeightNormConv2DTranspose):
-        original = cls.call
+    for cls, method in (
+        (layers.WeightNormConv2D, "call"),
+        (layers.WeightNormConv2D, "on"),
+        (layers.WeightNormConv2DTranspose, "call"),
+    ):
+        original = getattr(cls, method)
 
         def recording(self, *args, _original=original, **kwargs):
             out = _original(self, *args, **kwargs)
             recorded.append((self, out))
             return out
 
-        monkeypatch.setattr(cls, "call", recording)
+        monkeypatch.setattr(cls, method, recording)
     model(x, training=False)
     assert len(recorded) == len([v for v in model.weights if v.name == "g"])
     for layer, out in recorded:
@@ -183,28 +187,72 @@ def test_dropout_mask_rate_and_scale(rate):
     np.testing.assert_array_equal(keep.numpy(), again.numpy())
 
 
+def plain_concat_elu(x):
+    """The formula, differentiated by autodiff (the layers' versions have own gradients)."""
+    return tf.nn.elu(tf.concat([x, -x], axis=-1))
+
+
 @pytest.mark.parametrize("dtype", [tf.float64, tf.bfloat16])
-def test_concat_elu_dropout_matches_autodiff(rng, dtype):
+def test_concat_elu_and_its_dropout_match_autodiff(rng, dtype):
     x = tf.constant(rng.normal(0, 2, (3, 4, 5, 6)), dtype)
     x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0]], tf.zeros([1], dtype))  # an exact zero
-    keep, scale = layers.dropout_keep_mask(tf.constant([3, 4, 5, 12]), 0.3, tf.constant([1, 2]))
+    keep, _ = layers.dropout_keep_mask(tf.constant([3, 4, 5, 12]), 0.3, tf.constant([1, 2]))
     dy = tf.constant(rng.normal(size=(3, 4, 5, 12)), dtype)
+    zero = tf.zeros([], dtype)
+    pairs = {
+        "concat_elu": (layers.concat_elu, plain_concat_elu),
+        "dropout": (
+            lambda x: layers.concat_elu_dropout(x, keep),
+            lambda x: tf.where(keep, plain_concat_elu(x), zero),
+        ),
+    }
+    tol = 1e-12 if dtype == tf.float64 else 2e-2
+    for name, (fused_fn, plain_fn) in pairs.items():
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            fused, plain = fused_fn(x), plain_fn(x)
+            fused_sum, plain_sum = tf.reduce_sum(fused * dy), tf.reduce_sum(plain * dy)
+        np.testing.assert_allclose(
+            tf.cast(fused, tf.float64), tf.cast(plain, tf.float64), rtol=tol, err_msg=name
+        )
+        np.testing.assert_allclose(
+            tf.cast(tape.gradient(fused_sum, x), tf.float64),
+            tf.cast(tape.gradient(plain_sum, x), tf.float64),
+            rtol=tol,
+            atol=tol,
+            err_msg=name,
+        )
+
+
+def test_dropout_layer_scales_the_kept_units(rng):
+    layer = layers.ConcatEluDropout(0.5)
+    x = tf.constant(rng.normal(size=(2, 3, 4, 8)), tf.float32)
+    y = layer(x, training=True).numpy()
+    expected = plain_concat_elu(x).numpy() * 2.0  # 1 / P(keep) = 2 at rate 1/2
+    kept = y != 0
+    assert 0.3 < kept.mean() < 0.7
+    np.testing.assert_allclose(y[kept], expected[kept], rtol=1e-6)
+    np.testing.assert_array_equal(layer(x).numpy(), plain_concat_elu(x).numpy())
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_conv_on_folds_the_scale_into_the_kernel(rng, recompute):
+    conv = layers.WeightNormConv2D(5, (2, 3), "down")
+    x = tf.constant(rng.normal(size=(2, 4, 6, 3)), tf.float32)
+    conv(plain_concat_elu(x), init=True)
+    dy = tf.constant(rng.normal(size=(2, 4, 6, 5)), tf.float32)
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        fused = layers.concat_elu_dropout(x, keep, scale)
-        plain = tf.where(
-            keep, layers.concat_elu(x) * tf.constant(scale, dtype), tf.zeros([], dtype)
-        )
-        fused_sum = tf.reduce_sum(fused * dy)
-        plain_sum = tf.reduce_sum(plain * dy)
-    tol = 1e-12 if dtype == tf.float64 else 2e-2
-    np.testing.assert_allclose(tf.cast(fused, tf.float64), tf.cast(plain, tf.float64), rtol=tol)
-    np.testing.assert_allclose(
-        tf.cast(tape.gradient(fused_sum, x), tf.float64),
-        tf.cast(tape.gradient(plain_sum, x), tf.float64),
-        rtol=tol,
-        atol=tol,
-    )
+        folded = conv.on(layers.concat_elu, x, scale=2.5, recompute=recompute)
+        direct = conv(2.5 * plain_concat_elu(x))
+        folded_sum, direct_sum = tf.reduce_sum(folded * dy), tf.reduce_sum(direct * dy)
+    np.testing.assert_allclose(folded.numpy(), direct.numpy(), rtol=1e-5, atol=1e-5)
+    for a, b in zip(
+        tape.gradient(folded_sum, [x, *conv.trainable_variables]),
+        tape.gradient(direct_sum, [x, *conv.trainable_variables]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_recomputed_activations_give_the_same_gradients(rng):
