@@ -5,10 +5,12 @@
 
 B1 is the seed's MNIST configuration (32x32x1, filters 64, 2 layers per block,
 3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
-per block, 10 mixtures, batch 8). Each row runs in a fresh process, so its peak RSS is
-its own. The timed steps are the ones training uses (pixelcnn.train.Trainer.train_step /
-eval_step), on synthetic data already in memory. Evaluation always runs the float32 EMA
-model, so its fraction is of the float32 peak.
+per block, 10 mixtures, batch 8). The timed steps are the ones training uses
+(pixelcnn.train.Trainer.train_step / eval_step), on synthetic data already in memory.
+Each row runs in a fresh process, so its peak RSS is its own. Each row also measures
+the matmul peak right before and right after its timings, and its fractions are of the
+mean of the two: this machine's peak drifts by tens of percent over minutes. Evaluation
+always runs the float32 EMA model, so its fraction is of the float32 peak.
 
 Besides the defaults, three variants of float32 training are measured (skip them with
 ``--no-variants``): "no-recompute" (PixelCNNPP.recompute_activations = False: faster,
@@ -174,8 +176,14 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
 
         images_per_call = 4 * batch
         steps = max(3, steps // 4)
+    # This machine's matmul peak drifts by tens of percent over minutes, so each row
+    # measures it right before and right after its own timings and is compared with
+    # their mean (the run-level peak printed first only says how fast the machine was).
+    dtypes = sorted({"float32", precision})
+    before = {d: matmul_peak(d, windows=3) for d in dtypes}
     train_ips = timed(train_step, steps) * images_per_call / batch
     eval_ips = timed(trainer.eval_step, steps) if variant == "default" else None
+    after = {d: matmul_peak(d, windows=3) for d in dtypes}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
     return {
         "config": name,
@@ -187,6 +195,9 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
         "train_images_per_s": train_ips,
         "eval_images_per_s": eval_ips,
         "peak_rss_gb": rss,
+        "matmul_peak_gflops_before": before,
+        "matmul_peak_gflops_after": after,
+        "matmul_peak_gflops": {d: (before[d] + after[d]) / 2 for d in dtypes},
     }
 
 
@@ -241,13 +252,14 @@ def main() -> None:
     for name, precision, variant in jobs:
         steps = args.steps or (16 if name == "B1" else 4)
         r = run_child(name, precision, steps, variant)
+        peak = r["matmul_peak_gflops"]
         r["train_fraction_of_peak"] = (
-            r["train_images_per_s"] * r["train_gflop_per_image"] / (peaks[precision])
+            r["train_images_per_s"] * r["train_gflop_per_image"] / peak[precision]
         )
         # Evaluation runs the float32 EMA model whatever the training precision.
         if r["eval_images_per_s"] is not None:
             r["eval_fraction_of_peak"] = (
-                r["eval_images_per_s"] * r["forward_gflop_per_image"] / peaks["float32"]
+                r["eval_images_per_s"] * r["forward_gflop_per_image"] / peak["float32"]
             )
         rows.append(r)
         evaluation = (
@@ -258,7 +270,9 @@ def main() -> None:
         print(
             f"{name} {precision:9s} {variant:16s} train {r['train_images_per_s']:7.2f} img/s "
             f"({100 * r['train_fraction_of_peak']:3.0f}% of peak)  {evaluation}  "
-            f"RSS {r['peak_rss_gb']:.2f} GB",
+            f"RSS {r['peak_rss_gb']:.2f} GB  (peak "
+            + ", ".join(f"{d} {v:.0f}" for d, v in peak.items())
+            + " GFLOP/s)",
             flush=True,
         )
     result = {
