@@ -18,7 +18,7 @@ def digits(n_train=1024, n_test=256):
     return images[:n_train], images[n_train : n_train + n_test]
 
 
-def train_and_evaluate(precision, train_images, test_images, steps=250, batch=16):
+def train_and_evaluate(precision, train_images, test_images, steps=300, batch=32):
     def model_fn(dtype):
         return PixelCNNPP(
             SHAPE,
@@ -34,7 +34,7 @@ def train_and_evaluate(precision, train_images, test_images, steps=250, batch=16
         tf.distribute.OneDeviceStrategy("/cpu:0"),
         model_fn,
         learning_rate=3e-3,
-        learning_rate_decay=0.993,
+        learning_rate_decay=0.99,
         beta_1=0.95,
         beta_2=0.9995,
         ema_decay=0.98,
@@ -60,7 +60,8 @@ def test_bfloat16_training_matches_float32_bits_per_dim():
     # 8 bits/dim is a uniform guess: the model must have learned for the comparison to mean much
     assert fp32 < 4.5
     print(f"test bits/dim: float32 {fp32:.4f}, bfloat16 {bf16:.4f}")
-    # One-sided: bfloat16 must not be worse. Measured here it ends about 0.06 bits/dim
-    # *better* than float32 after this short run (3.592 against 3.650: a different
-    # trajectory, not a cost).
-    assert bf16 - fp32 < 0.02, (fp32, bf16)
+    # Two-sided, as the likelihood should not depend on the precision either way. At
+    # batch 32 the two runs differ by about 0.01 bits/dim (measured here: float32
+    # 3.594 / 3.595, bfloat16 3.583 / 3.585 for seeds 0 / 1); at batch 16, gradient noise
+    # alone moved either precision's result by up to 0.1 from one seed to the next.
+    assert abs(bf16 - fp32) < 0.02, (fp32, bf16)
