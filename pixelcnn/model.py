@@ -58,7 +58,7 @@ class PixelCNNPP(keras.Model):
         concat_elu (half the size) and recompute the concat_elu in the backward pass.
         Results are the same either way. On the 2-core CPU the paper's CIFAR model
         then trains in float32 in 3.8 GB instead of 4.7 GB at batch 8, and the seed's
-        MNIST model about 5% slower; in bfloat16 the recomputation costs about 16%
+        MNIST model about 6% slower; in bfloat16 the recomputation costs about 16%
         (bfloat16 elementwise ops are slow on CPUs). None (the default) turns it on for
         float32 and off for bfloat16 computation.
 
