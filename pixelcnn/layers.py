@@ -71,6 +71,27 @@ def concat_elu(x: tf.Tensor) -> tf.Tensor:
     return y, lambda dy: _concat_elu_grad(dy, y)
 
 
+class SharedConcatElu:
+    """``concat_elu`` that computes each tensor's value once.
+
+    One forward pass of the network applies concat_elu to most stream tensors two or
+    three times (as a convolution's input, as another block's auxiliary input, and
+    again when the second half reads the first half's outputs); one instance per
+    forward pass computes each once.
+    """
+
+    def __init__(self):
+        self._values = {}
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        # Keyed by graph too: Keras may first trace a call in a scratch graph (to build
+        # the layers) with the same eager inputs; its values must not be reused.
+        key = (x.ref(), id(tf.compat.v1.get_default_graph()))
+        if key not in self._values:
+            self._values[key] = concat_elu(x)
+        return self._values[key]
+
+
 # Dropout masks use 16 random bits per unit, half of what a float32 uniform draw costs
 # (the random bits were the most expensive part of dropout); the rate is rounded to a
 # multiple of 2**-16 and the kept units are scaled by 1 / (1 - that rate), so the
@@ -271,47 +292,82 @@ class WeightNormConv2D(_WeightNorm):
         return self.preactivation(x)
 
     def on(
-        self, f, x: tf.Tensor, init: bool = False, scale: float = 1.0, recompute: bool = True
+        self,
+        f,
+        x,
+        init: bool = False,
+        scale: float = 1.0,
+        recompute: bool = True,
+        fx=None,
     ) -> tf.Tensor:
         """``self(scale * f(x))`` for an elementwise ``f``.
 
-        ``scale`` multiplies the kernel, far smaller than ``f(x)``, instead of ``f(x)``.
-        With ``recompute``, ``f(x)`` is not kept for backprop: the convolution's
-        backward pass needs its input, and when that input is ``concat_elu(x)`` it is
-        twice the size of ``x``. Only ``x`` is kept and ``f(x)`` is recomputed in the
-        backward pass (a few elementwise ops against a convolution), which lowers the
-        training step's peak memory.
+        Args:
+          f: the elementwise function.
+          x: a tensor, or a tuple of tensors that stands for their concatenation on
+            the channel axis. A tuple needs ``f = concat_elu`` and a 1x1 layer: each
+            part meets its own rows of the kernel, so neither the concatenation nor
+            its concat_elu is ever formed, and each part's concat_elu can be shared.
+          init: data-dependent initialisation (see ``_WeightNorm._initialise``).
+          scale: multiplies the kernel, far smaller than ``f(x)``, instead of ``f(x)``.
+          recompute: do not keep ``f(x)`` for backprop. The convolution's backward
+            pass needs its input, and when that input is ``concat_elu(x)`` it is twice
+            the size of ``x``. Only ``x`` is kept and ``f(x)`` is recomputed in the
+            backward pass (a few elementwise ops against a convolution), which lowers
+            the training step's peak memory.
+          fx: ``f(x)`` (for a tuple, the tuple of ``f`` of each part) if it was already
+            computed: the forward pass uses it instead of computing it again.
         """
+        parts = x if isinstance(x, tuple) else (x,)
+        if len(parts) > 1 and (f is not concat_elu or self.kernel_size != (1, 1)):
+            raise ValueError("several inputs need f = concat_elu and a 1x1 convolution")
         if init or not self.built:
-            y = f(x)
+            y = f(tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0])
             return self(y if scale == 1.0 else y * tf.constant(scale, y.dtype), init=init)
         dtype = self.compute_dtype
+        sizes = [int(t.shape[-1]) for t in parts]
 
-        def forward(x, kernel, bias):
-            return self._apply(self.pad(f(x)), kernel) + bias
+        def forward(xs, kernel, bias, fxs):
+            if len(xs) == 1:
+                return self._apply(self.pad(fxs[0]), kernel) + bias
+            # concat_elu of the concatenation has channels [x_1, ..., x_n, -x_1, ...,
+            # -x_n]; concat_elu(x_i) has [x_i, -x_i]: pick those rows of the kernel.
+            total, start, y = sum(sizes), 0, bias
+            for fx_i, size in zip(fxs, sizes, strict=True):
+                pos = kernel[:, :, start : start + size]
+                neg = kernel[:, :, total + start : total + start + size]
+                y = y + self._apply(fx_i, tf.concat([pos, neg], axis=2))
+                start += size
+            return y
 
         @tf.custom_gradient
-        def run(x, kernel, bias):
+        def run(*args):
+            *xs, kernel, bias = args
+
             def grad(dy):
                 # The control dependency makes the recomputation wait for dy and keeps
                 # graph optimisation from merging it with the forward pass (which
                 # would keep f(x) alive after all).
                 with tf.control_dependencies([dy]):
-                    x_again = tf.identity(x)
+                    again = [tf.identity(t) for t in xs]
                 with tf.GradientTape() as tape:
-                    tape.watch([x_again, kernel, bias])
+                    tape.watch([*again, kernel, bias])
                     # Only the gradients are used: graph pruning drops the recomputed
                     # convolution itself, the elementwise f is what is recomputed.
-                    y = forward(x_again, kernel, bias)
-                return tape.gradient(y, [x_again, kernel, bias], output_gradients=dy)
+                    y = forward(again, kernel, bias, [f(t) for t in again])
+                return tape.gradient(y, [*again, kernel, bias], output_gradients=dy)
 
-            return forward(x, kernel, bias), grad
+            return forward(xs, kernel, bias, fxs or [f(t) for t in xs]), grad
 
+        xs = [tf.cast(t, dtype) for t in parts]
+        fxs = None if fx is None else list(fx) if isinstance(fx, tuple) else [fx]
         kernel = self._kernel()
         if scale != 1.0:
             kernel = kernel * scale
-        args = tf.cast(x, dtype), tf.cast(kernel, dtype), tf.cast(self.b, dtype)
-        return run(*args) if recompute else forward(*args)
+        kernel, bias = tf.cast(kernel, dtype), tf.cast(self.b, dtype)
+        if recompute:
+            return run(*xs, kernel, bias)
+        return forward(xs, kernel, bias, fxs or [f(t) for t in xs])
 
 
 class WeightNormConv2DTranspose(_WeightNorm):
@@ -411,10 +467,16 @@ class GatedResnet(keras.layers.Layer):
             else None
         )
 
-    def call(self, x, a=None, h=None, training=False, init=False):
-        c = self.conv1.on(concat_elu, x, init, recompute=self.recompute)
+    def call(self, x, a=None, h=None, training=False, init=False, shared=None):
+        """x: the stream; a: the auxiliary input, a tensor or a tuple of tensors that
+        stands for their concatenation on channels; h: the one-hot label; shared: a
+        ``SharedConcatElu`` of the forward pass, if any."""
+        ce = shared or concat_elu
+        c = self.conv1.on(concat_elu, x, init, recompute=self.recompute, fx=ce(x))
         if self.nin_aux is not None:
-            c = c + self.nin_aux.on(concat_elu, a, init, recompute=self.recompute)
+            parts = a if isinstance(a, tuple) else (a,)
+            fa = tuple(ce(t) for t in parts)
+            c = c + self.nin_aux.on(concat_elu, parts, init, recompute=self.recompute, fx=fa)
         f, scale = self.dropout.activation(c, training)
         c = self.conv2.on(f, c, init, scale, self.recompute)
         return self.gate(x, c, h)

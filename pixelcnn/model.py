@@ -11,6 +11,7 @@ import tensorflow as tf
 from pixelcnn import likelihood
 from pixelcnn.layers import (
     GatedResnet,
+    SharedConcatElu,
     WeightNormConv2D,
     WeightNormConv2DTranspose,
     down_shift,
@@ -208,6 +209,7 @@ class PixelCNNPP(keras.Model):
         h = self.one_hot(labels)
         x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # the extra ones channel
 
+        shared = SharedConcatElu()
         u = down_shift(self.first_u(x, init=init))
         ul = down_shift(self.first_ul_above(x, init=init)) + right_shift(
             self.first_ul_left(x, init=init)
@@ -215,8 +217,8 @@ class PixelCNNPP(keras.Model):
         us, uls = [u], [ul]
         for r in range(self.residual_blocks):
             for u_block, ul_block in zip(self.up_u[r], self.up_ul[r], strict=True):
-                u = u_block(u, h=h, training=training, init=init)
-                ul = ul_block(ul, a=u, h=h, training=training, init=init)
+                u = u_block(u, h=h, training=training, init=init, shared=shared)
+                ul = ul_block(ul, a=u, h=h, training=training, init=init, shared=shared)
                 us.append(u)
                 uls.append(ul)
             if r + 1 < self.residual_blocks:
@@ -231,9 +233,10 @@ class PixelCNNPP(keras.Model):
                 u = self.double_u[k - 1](u, target_hw=self.sizes[r], init=init)
                 ul = self.double_ul[k - 1](ul, target_hw=self.sizes[r], init=init)
             for u_block, ul_block in zip(self.down_u[k], self.down_ul[k], strict=True):
-                u = u_block(u, a=us.pop(), h=h, training=training, init=init)
+                u = u_block(u, a=us.pop(), h=h, training=training, init=init, shared=shared)
+                # a = concat([u, skip]) on channels, passed as its parts (see GatedResnet)
                 ul = ul_block(
-                    ul, a=tf.concat([u, uls.pop()], axis=-1), h=h, training=training, init=init
+                    ul, a=(u, uls.pop()), h=h, training=training, init=init, shared=shared
                 )
         assert not us and not uls, "every skip connection must be consumed"
         return self.out_nin(tf.nn.elu(tf.cast(ul, tf.float32)), init=init)

@@ -255,6 +255,32 @@ def test_conv_on_folds_the_scale_into_the_kernel(rng, recompute):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_conv_on_parts_equals_conv_on_their_concatenation(rng, recompute):
+    nin = layers.WeightNormConv2D(4)
+    u = tf.constant(rng.normal(size=(2, 3, 5, 3)), tf.float32)
+    s = tf.constant(rng.normal(size=(2, 3, 5, 2)), tf.float32)
+    nin(plain_concat_elu(tf.concat([u, s], -1)), init=True)
+    dy = tf.constant(rng.normal(size=(2, 3, 5, 4)), tf.float32)
+    shared = layers.SharedConcatElu()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([u, s])
+        # the parts' concat_elu comes from the shared cache, as in the network
+        fx = (shared(u), shared(s))
+        parts = nin.on(layers.concat_elu, (u, s), recompute=recompute, fx=fx)
+        whole = nin(plain_concat_elu(tf.concat([u, s], -1)))
+        parts_sum, whole_sum = tf.reduce_sum(parts * dy), tf.reduce_sum(whole * dy)
+    assert shared(u) is fx[0]  # computed once
+    np.testing.assert_allclose(parts.numpy(), whole.numpy(), rtol=1e-5, atol=1e-5)
+    sources = [u, s, *nin.trainable_variables]
+    for a, b in zip(
+        tape.gradient(parts_sum, sources), tape.gradient(whole_sum, sources), strict=True
+    ):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="1x1"):
+        layers.WeightNormConv2D(4, (2, 3), "down").on(layers.concat_elu, (u, s))
+
+
 def test_recomputed_activations_give_the_same_gradients(rng):
     shape = (6, 5, 2)
     model = tiny(shape, dropout_rate=0.3, num_classes=3)
