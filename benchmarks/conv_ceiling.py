@@ -29,7 +29,11 @@ from throughput import CONFIGS, matmul_peak  # noqa: E402
 
 
 def record_convolutions(model, images):
-    """[(layer, padded input shape)] of every convolution in one forward pass."""
+    """[(layer, padded input shape, kernel shape)] of every convolution in one forward pass.
+
+    The kernel shape is recorded too: a 1x1 layer fed several parts (see
+    ``WeightNormConv2D.on``) runs one product per part, each on its own kernel rows.
+    """
     from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
 
     calls = []
@@ -38,7 +42,7 @@ def record_convolutions(model, images):
         originals[cls] = cls._apply
 
         def _apply(self, x, kernel, _original=originals[cls]):
-            calls.append((self, tuple(x.shape)))
+            calls.append((self, tuple(x.shape), tuple(kernel.shape)))
             return _original(self, x, kernel)
 
         cls._apply = _apply
@@ -83,10 +87,10 @@ def ceiling(name: str, precision: str) -> dict:
 
     # mode -> kind -> [flops, seconds]
     kinds = {m: collections.defaultdict(lambda: [0.0, 0.0]) for m in ("eval", "train")}
-    for layer, x_shape in calls:
+    for layer, x_shape, kernel_shape in calls:
         compute = layer.compute_dtype
         x = tf.cast(tf.random.normal(x_shape), compute)
-        kernel = tf.cast(layer._kernel(), compute)
+        kernel = tf.cast(tf.random.normal(kernel_shape, stddev=0.05), compute)
         bias = tf.cast(layer.b, compute)
         kh, kw = layer.kernel_size
         transpose = isinstance(layer, WeightNormConv2DTranspose)

@@ -50,7 +50,7 @@ def conv_flops(model) -> float:
     from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
 
     total = 0.0
-    shapes = {}
+    calls = []  # one entry per product: a layer fed several parts runs one per part
     originals = {}
 
     def recorder(cls):
@@ -58,7 +58,7 @@ def conv_flops(model) -> float:
 
         def _apply(self, x, kernel):
             out = original(self, x, kernel)
-            shapes[id(self)] = (self, tuple(x.shape), tuple(out.shape))
+            calls.append((self, tuple(x.shape), tuple(out.shape)))
             return out
 
         originals[cls] = original
@@ -71,7 +71,7 @@ def conv_flops(model) -> float:
     finally:
         for cls, original in originals.items():
             cls._apply = original
-    for layer, x_shape, y_shape in shapes.values():
+    for layer, x_shape, y_shape in calls:
         kh, kw = layer.kernel_size
         if isinstance(layer, WeightNormConv2DTranspose):
             macs = x_shape[1] * x_shape[2] * kh * kw * x_shape[3] * y_shape[3]
