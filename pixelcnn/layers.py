@@ -64,10 +64,14 @@ def _concat_elu_grad(dy: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
     return pos - neg
 
 
+def _concat_elu_value(x: tf.Tensor) -> tf.Tensor:
+    return tf.nn.elu(tf.concat([x, -x], axis=-1))
+
+
 @tf.custom_gradient
 def concat_elu(x: tf.Tensor) -> tf.Tensor:
     """elu(concat(x, -x)) on the channel axis: doubles the channel count."""
-    y = tf.nn.elu(tf.concat([x, -x], axis=-1))
+    y = _concat_elu_value(x)
     return y, lambda dy: _concat_elu_grad(dy, y)
 
 
@@ -131,7 +135,7 @@ def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
     @tf.custom_gradient
     def forward(x):
         zero = tf.zeros([], x.dtype)
-        y = tf.where(keep, tf.nn.elu(tf.concat([x, -x], axis=-1)), zero)
+        y = tf.where(keep, _concat_elu_value(x), zero)
         return y, lambda dy: _concat_elu_grad(tf.where(keep, dy, zero), y)
 
     return forward(x)
@@ -327,7 +331,8 @@ class WeightNormConv2D(_WeightNorm):
         dtype = self.compute_dtype
         sizes = [int(t.shape[-1]) for t in parts]
 
-        def forward(xs, kernel, bias, fxs):
+        def forward(xs, kernel, bias, fxs=None):
+            fxs = fxs or [f(t) for t in xs]
             if len(xs) == 1:
                 return self._apply(self.pad(fxs[0]), kernel) + bias
             # concat_elu of the concatenation has channels [x_1, ..., x_n, -x_1, ...,
@@ -354,10 +359,10 @@ class WeightNormConv2D(_WeightNorm):
                     tape.watch([*again, kernel, bias])
                     # Only the gradients are used: graph pruning drops the recomputed
                     # convolution itself, the elementwise f is what is recomputed.
-                    y = forward(again, kernel, bias, [f(t) for t in again])
+                    y = forward(again, kernel, bias)  # recomputes f
                 return tape.gradient(y, [*again, kernel, bias], output_gradients=dy)
 
-            return forward(xs, kernel, bias, fxs or [f(t) for t in xs]), grad
+            return forward(xs, kernel, bias, fxs), grad
 
         xs = [tf.cast(t, dtype) for t in parts]
         fxs = None if fx is None else list(fx) if isinstance(fx, tuple) else [fx]
@@ -367,7 +372,7 @@ class WeightNormConv2D(_WeightNorm):
         kernel, bias = tf.cast(kernel, dtype), tf.cast(self.b, dtype)
         if recompute:
             return run(*xs, kernel, bias)
-        return forward(xs, kernel, bias, fxs or [f(t) for t in xs])
+        return forward(xs, kernel, bias, fxs)
 
 
 class WeightNormConv2DTranspose(_WeightNorm):
