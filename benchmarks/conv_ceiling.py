@@ -25,33 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from throughput import CONFIGS, matmul_peak  # noqa: E402
-
-
-def record_convolutions(model, images):
-    """[(layer, padded input shape, kernel shape)] of every convolution in one forward pass.
-
-    The kernel shape is recorded too: a 1x1 layer fed several parts (see
-    ``WeightNormConv2D.on``) runs one product per part, each on its own kernel rows.
-    """
-    from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
-
-    calls = []
-    originals = {}
-    for cls in (WeightNormConv2D, WeightNormConv2DTranspose):
-        originals[cls] = cls._apply
-
-        def _apply(self, x, kernel, _original=originals[cls]):
-            calls.append((self, tuple(x.shape), tuple(kernel.shape)))
-            return _original(self, x, kernel)
-
-        cls._apply = _apply
-    try:
-        model(images)
-    finally:
-        for cls, original in originals.items():
-            cls._apply = original
-    return calls
+from throughput import CONFIGS, matmul_peak, multiply_adds, record_products  # noqa: E402
 
 
 def time_call(fn, args, seconds: float = 0.6) -> float:
@@ -82,24 +56,28 @@ def ceiling(name: str, precision: str) -> dict:
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(-1, 1, (batch, *cfg["image_shape"])), tf.float32)
     model(images)  # build
-    calls = record_convolutions(model, images)
+    calls = record_products(model, images)
     peak = matmul_peak(precision, windows=3)
 
     # mode -> kind -> [flops, seconds]
     kinds = {m: collections.defaultdict(lambda: [0.0, 0.0]) for m in ("eval", "train")}
-    for layer, x_shape, kernel_shape in calls:
+    for layer, padded_shape, kernel_shape, y_shape in calls:
         compute = layer.compute_dtype
+        transpose = isinstance(layer, WeightNormConv2DTranspose)
+        # The timed product pads its input itself, as the model does (the pad is fused
+        # into the convolution): start from the shape before padding.
+        x_shape = list(padded_shape)
+        if not transpose:
+            for axis, (before, after) in enumerate(layer.padding):
+                x_shape[axis] -= before + after
         x = tf.cast(tf.random.normal(x_shape), compute)
         kernel = tf.cast(tf.random.normal(kernel_shape, stddev=0.05), compute)
         bias = tf.cast(layer.b, compute)
         kh, kw = layer.kernel_size
-        transpose = isinstance(layer, WeightNormConv2DTranspose)
+        macs = multiply_adds(layer, padded_shape, y_shape)
         if transpose:
-            macs = x_shape[1] * x_shape[2] * kh * kw * x_shape[3] * layer.filters
             kind = f"transposed {kh}x{kw}"
         else:
-            out_hw = layer._apply(layer.pad(x), kernel).shape[1:3]
-            macs = out_hw[0] * out_hw[1] * kh * kw * x_shape[3] * layer.filters
             kind = f"{kh}x{kw} stride {layer.strides}, {x_shape[3]}->{layer.filters}"
 
         def forward(x, kernel, bias, layer=layer, transpose=transpose):

@@ -43,42 +43,49 @@ CONFIGS = {
 }
 
 
+def record_products(model, images) -> list:
+    """[(layer, input shape, kernel shape, output shape)] of every linear map of one pass.
+
+    Recorded at ``_apply``, the linear map itself, whichever path calls it; its input
+    is already padded. A 1x1 layer fed several parts (see ``WeightNormConv2D.on``) runs
+    one product per part, each on its own rows of the kernel.
+    """
+    from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
+
+    calls = []
+    originals = {}
+    for cls in (WeightNormConv2D, WeightNormConv2DTranspose):
+        originals[cls] = cls._apply
+
+        def _apply(self, x, kernel, _original=originals[cls]):
+            out = _original(self, x, kernel)
+            calls.append((self, tuple(x.shape), tuple(kernel.shape), tuple(out.shape)))
+            return out
+
+        cls._apply = _apply
+    try:
+        model(images)
+    finally:
+        for cls, original in originals.items():
+            cls._apply = original
+    return calls
+
+
+def multiply_adds(layer, x_shape, y_shape) -> int:
+    """Multiply-adds per image of one product (transposed: per input position)."""
+    from pixelcnn.layers import WeightNormConv2DTranspose
+
+    kh, kw = layer.kernel_size
+    positions = x_shape[1:3] if isinstance(layer, WeightNormConv2DTranspose) else y_shape[1:3]
+    return positions[0] * positions[1] * kh * kw * x_shape[3] * y_shape[3]
+
+
 def conv_flops(model) -> float:
     """Forward FLOPs per image: 2 * multiply-adds of every convolution (exact count)."""
     import tensorflow as tf
 
-    from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
-
-    total = 0.0
-    calls = []  # one entry per product: a layer fed several parts runs one per part
-    originals = {}
-
-    def recorder(cls):
-        original = cls._apply  # the linear map itself, whichever path calls it
-
-        def _apply(self, x, kernel):
-            out = original(self, x, kernel)
-            calls.append((self, tuple(x.shape), tuple(out.shape)))
-            return out
-
-        originals[cls] = original
-        cls._apply = _apply
-
-    for cls in (WeightNormConv2D, WeightNormConv2DTranspose):
-        recorder(cls)
-    try:
-        model(tf.zeros([1, *model.image_shape]))
-    finally:
-        for cls, original in originals.items():
-            cls._apply = original
-    for layer, x_shape, y_shape in calls:
-        kh, kw = layer.kernel_size
-        if isinstance(layer, WeightNormConv2DTranspose):
-            macs = x_shape[1] * x_shape[2] * kh * kw * x_shape[3] * y_shape[3]
-        else:
-            macs = y_shape[1] * y_shape[2] * kh * kw * x_shape[3] * y_shape[3]
-        total += 2.0 * macs
-    return total
+    calls = record_products(model, tf.zeros([1, *model.image_shape]))
+    return sum(2.0 * multiply_adds(layer, x, y) for layer, x, _, y in calls)
 
 
 def matmul_peak(dtype: str, n: int = 2048, windows: int = 7) -> float:
