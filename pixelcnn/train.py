@@ -156,7 +156,9 @@ def load_for_inference(
 def distributed_log_prob(strategy: tf.distribute.Strategy, model: PixelCNNPP):
     """fn(images int [B, H, W, C], labels [B] or None) -> log p [B], the batch split
     over the strategy's replicas (in order) and the results gathered."""
-    compiled = tf.function(lambda x, y: model.log_prob(x, y), reduce_retracing=True)
+    compiled = tf.function(
+        lambda x, y: model.log_prob(x, y), reduce_retracing=True, autograph=False
+    )
     k = strategy.num_replicas_in_sync
     if k == 1:
         return lambda images, labels=None: compiled(tf.constant(images), labels)
@@ -200,7 +202,7 @@ def broadcast_from_first_replica(strategy: tf.distribute.Strategy, variables) ->
         first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
         return [ctx.all_reduce(tf.distribute.ReduceOp.SUM, v * first) for v in variables]
 
-    values = strategy.run(tf.function(fn))
+    values = strategy.run(tf.function(fn, autograph=False))
     for v, value in zip(variables, values, strict=True):
         v.assign(strategy.experimental_local_results(value)[0])
 
@@ -252,6 +254,17 @@ class FusedAdam(keras.optimizers.Adam):
         )
 
 
+def _compile(step, spec=None):
+    """``step`` as a tf.function: for batches of ``spec``, or of the shapes it meets.
+
+    No autograph: the steps have no Python control flow on tensors, and converting
+    them cost about a second of every trace.
+    """
+    if spec is None:
+        return tf.function(step, reduce_retracing=True, autograph=False)
+    return tf.function(step, input_signature=[spec], autograph=False)
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the compiled steps."""
 
@@ -289,8 +302,25 @@ class Trainer:
         self.schedule = schedule
         self.dims = float(np.prod(self.model.image_shape))
         self.num_bits = self.model.num_bits
-        self.train_step = tf.function(self._train_step, reduce_retracing=True)
-        self.eval_step = tf.function(self._eval_step, reduce_retracing=True)
+        self.train_step = _compile(self._train_step)
+        self.eval_step = _compile(self._eval_step)
+        self._specs = {}
+
+    def trace_for(self, train_spec=None, eval_spec=None) -> None:
+        """Compiles the steps once for batches of these specs: the ``element_spec`` of
+        the distributed datasets they will read.
+
+        Without a spec a step traces for the shapes of its first batch, and traces
+        again (for tens of seconds) when an epoch ends on a partial batch. A dataset
+        batched without ``drop_remainder`` leaves the batch dimension unknown in its
+        spec, so one graph serves every batch. Giving the spec already compiled for
+        keeps the compiled step.
+        """
+        for kind, spec in (("train", train_spec), ("eval", eval_spec)):
+            if spec is not None and self._specs.get(kind) != spec:
+                step = self._train_step if kind == "train" else self._eval_step
+                setattr(self, f"{kind}_step", _compile(step, spec))
+                self._specs[kind] = spec
 
     @property
     def step(self) -> tf.Variable:
@@ -525,7 +555,9 @@ def train(
         return f"{reason}: saved {path}"
 
     def run_eval() -> float:
-        nll = trainer.evaluate(strategy.experimental_distribute_dataset(test_ds))
+        dist_test = strategy.experimental_distribute_dataset(test_ds)
+        trainer.trace_for(eval_spec=dist_test.element_spec)
+        nll = trainer.evaluate(dist_test)
         bpd = trainer.bits_per_dim(nll)
         with writers["eval"].as_default():
             tf.summary.scalar("nll", nll, step=trainer.step)
@@ -549,6 +581,7 @@ def train(
             # order this continues the same curve exactly.
             skip = _value(trainer.step_in_epoch)
             dist_train = strategy.experimental_distribute_dataset(train_ds.skip(skip))
+            trainer.trace_for(train_spec=dist_train.element_spec)
             bar = tqdm(
                 desc=f"epoch {epoch + 1}/{max_epoch}",
                 unit="img",

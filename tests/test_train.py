@@ -69,7 +69,9 @@ def run_steps(trainer, images, batch=8):
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch)
     ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
     losses = []
-    for b in trainer.strategy.experimental_distribute_dataset(ds):
+    dist = trainer.strategy.experimental_distribute_dataset(ds)
+    trainer.trace_for(train_spec=dist.element_spec)
+    for b in dist:
         losses.append(float(trainer.train_step(b)[0]))
     return losses
 
@@ -122,6 +124,8 @@ def test_mirrored_matches_one_device_and_partial_batches_are_means():
         losses += run_steps(trainer, images[16:])
         assert losses[2] == pytest.approx(expected, rel=1e-5)
         results[name] = (losses, [v.numpy() for v in trainer.model.trainable_variables])
+        # full and partial batches ran one graph, traced once
+        assert trainer.train_step.experimental_get_tracing_count() == 1
     assert len(results["one"][0]) == 3
     np.testing.assert_allclose(results["one"][0], results["mirrored"][0], rtol=1e-5)
     assert results["one"][0][1] != results["one"][0][0]  # the step changed the weights
