@@ -194,34 +194,49 @@ def plain_concat_elu(x):
 
 @pytest.mark.parametrize("dtype", [tf.float64, tf.bfloat16])
 def test_concat_elu_and_its_dropout_match_autodiff(rng, dtype):
+    """Against autodiff of the plain formula in float64, on the same (rounded) inputs."""
     x = tf.constant(rng.normal(0, 2, (3, 4, 5, 6)), dtype)
     x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0]], tf.zeros([1], dtype))  # an exact zero
     keep, _ = layers.dropout_keep_mask(tf.constant([3, 4, 5, 12]), 0.3, tf.constant([1, 2]))
     dy = tf.constant(rng.normal(size=(3, 4, 5, 12)), dtype)
-    zero = tf.zeros([], dtype)
+    x64, dy64 = tf.cast(x, tf.float64), tf.cast(dy, tf.float64)
     pairs = {
         "concat_elu": (layers.concat_elu, plain_concat_elu),
         "dropout": (
             lambda x: layers.concat_elu_dropout(x, keep),
-            lambda x: tf.where(keep, plain_concat_elu(x), zero),
+            lambda x: tf.where(keep, plain_concat_elu(x), tf.zeros([], x.dtype)),
         ),
     }
+    # bfloat16: one rounding of the values (2**-8 relative), a few of the gradients
     tol = 1e-12 if dtype == tf.float64 else 2e-2
     for name, (fused_fn, plain_fn) in pairs.items():
         with tf.GradientTape(persistent=True) as tape:
-            tape.watch(x)
-            fused, plain = fused_fn(x), plain_fn(x)
-            fused_sum, plain_sum = tf.reduce_sum(fused * dy), tf.reduce_sum(plain * dy)
+            tape.watch([x, x64])
+            fused, plain = fused_fn(x), plain_fn(x64)
+            fused_sum, plain_sum = tf.reduce_sum(fused * dy), tf.reduce_sum(plain * dy64)
         np.testing.assert_allclose(
-            tf.cast(fused, tf.float64), tf.cast(plain, tf.float64), rtol=tol, err_msg=name
+            tf.cast(fused, tf.float64), plain, rtol=min(tol, 2**-8 + 1e-4), err_msg=name
         )
         np.testing.assert_allclose(
             tf.cast(tape.gradient(fused_sum, x), tf.float64),
-            tf.cast(tape.gradient(plain_sum, x), tf.float64),
+            tape.gradient(plain_sum, x64),
             rtol=tol,
             atol=tol,
             err_msg=name,
         )
+
+
+def test_bfloat16_concat_elu_is_one_rounding_of_the_exact_value(rng):
+    """Small negative inputs too, where exp(z) - 1 computed in bfloat16 cancels."""
+    x = tf.constant(rng.normal(0, 0.05, (4, 8, 8, 16)), tf.bfloat16)
+    exact = plain_concat_elu(tf.cast(x, tf.float64))
+    got = tf.cast(layers.concat_elu(x), tf.float64)
+    # where |z| >= 1e-3 the float32 Elu is exact to 1e-4 relative; rounding to
+    # bfloat16 (8 significant bits) adds at most 2**-8 relative
+    big = tf.abs(exact) >= 1e-3
+    relative = tf.boolean_mask(tf.abs(got - exact) / tf.abs(exact), big)
+    assert float(tf.reduce_max(relative)) <= 2**-8 + 1e-4
+    assert float(tf.reduce_mean(relative)) < 2e-3
 
 
 def test_dropout_layer_scales_the_kept_units(rng):
