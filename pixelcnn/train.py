@@ -257,8 +257,9 @@ class FusedAdam(keras.optimizers.Adam):
 def _compile(step, spec=None):
     """``step`` as a tf.function: for batches of ``spec``, or of the shapes it meets.
 
-    No autograph: the steps have no Python control flow on tensors, and converting
-    them cost about a second of every trace.
+    No autograph: the steps have no Python control flow on tensors (the traced graph
+    is the same), and converting them cost 0.4-1.4 s of each trace of a tiny model's
+    training step (3.5-4.5 s without it, 3.1 s with it).
     """
     if spec is None:
         return tf.function(step, reduce_retracing=True, autograph=False)

@@ -153,7 +153,9 @@ WORKER = textwrap.dedent(
         ds = ds.map(lambda x: x[ctx.input_pipeline_id * 4:(ctx.input_pipeline_id + 1) * 4])
         return ds.map(lambda x: {{"images": tf.cast(x, tf.float32) * (2 / 255) - 1}})
 
-    losses = [float(trainer.train_step(b)[0]) for b in strategy.distribute_datasets_from_function(dataset_fn)]
+    dist = strategy.distribute_datasets_from_function(dataset_fn)
+    trainer.trace_for(train_spec=dist.element_spec)  # as train() does
+    losses = [float(trainer.train_step(b)[0]) for b in dist]
     print("LOSSES", json.dumps(losses))
     """
 )
