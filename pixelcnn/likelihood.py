@@ -90,12 +90,17 @@ def coupled_means(means: tf.Tensor, coeffs: tf.Tensor, x: tf.Tensor) -> tf.Tenso
 
 
 def log1mexp(d: tf.Tensor) -> tf.Tensor:
-    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012)."""
-    return tf.where(
-        d < math.log(2.0),
-        tf.math.log(-tf.math.expm1(-d)),
-        tf.math.log1p(-tf.exp(-d)),
-    )
+    """log(1 - exp(-d)) for d > 0, accurate for small and large d (Maechler 2012).
+
+    Each branch gets an argument clipped into its own half, so the branch that is not
+    taken stays finite: ``tf.where``'s gradient multiplies the unused branch's gradient
+    by zero, and an inf there (log1p(-exp(-d)) for d below ~1e-7 in float32, i.e. log
+    scales above ~12.5) would make it NaN.
+    """
+    cut = math.log(2.0)
+    small = tf.minimum(d, cut)
+    large = tf.maximum(d, cut)
+    return tf.where(d < cut, tf.math.log(-tf.math.expm1(-small)), tf.math.log1p(-tf.exp(-large)))
 
 
 def to_unit_range(images: tf.Tensor, num_bits: int, dtype=tf.float32) -> tf.Tensor:

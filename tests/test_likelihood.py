@@ -51,6 +51,12 @@ def reference_log_prob(x, params, num_channels, num_mixtures, num_bits):
         log_1m_lo, log_1m_up = log_sigmoid(-lo), log_sigmoid(-up)
         above = log_1m_lo + np.log(-np.expm1(np.minimum(log_1m_up - log_1m_lo, -1e-300)))
         interior = np.where(up < 0, below, above)
+        # Bins far narrower than the logistic (scale > e^15): the two sigmoids agree in
+        # more digits than float64 holds, so use pdf(centre) * width, whose relative
+        # error (width / scale)^2 / 24 is below 1e-18 there.
+        z = (x[:, ch : ch + 1] - mu) / s
+        log_pdf_mass = log_sigmoid(z) + log_sigmoid(-z) - log_s[:, ch] + np.log(2 * half)
+        interior = np.where(log_s[:, ch] > 15.0, log_pdf_mass, interior)
         level = np.rint((x[:, ch : ch + 1] + 1) / 2 * (2**num_bits - 1))
         lp = np.where(level == 0, log_up, np.where(level == 2**num_bits - 1, log_1m_lo, interior))
         total = total + lp
@@ -207,6 +213,48 @@ def test_gradients_finite_for_extreme_parameters(rng):
     grad = tape.gradient(lp, p)
     assert np.all(np.isfinite(lp.numpy())) and np.all(np.isfinite(grad.numpy()))
     assert np.abs(grad.numpy()).max() > 0
+
+
+@pytest.mark.parametrize("c,k,bits", [(1, 3, 8), (3, 2, 8), (2, 2, 5), (1, 2, 1), (1, 2, 16)])
+def test_values_and_gradients_finite_over_what_a_diverging_network_emits(rng, c, k, bits):
+    """Raw log scales in [-20, 60], means within +-50, logits within +-80, both edges.
+
+    log1mexp's unused branch once overflowed for log scales above ~12.5 and tf.where
+    turned the inf into a NaN gradient while the value stayed finite.
+    """
+    top = 2**bits - 1
+    n = 3000
+    params = random_params(rng, n, c, k, log_scale_range=(-20.0, 60.0), mean_range=(-50, 50))
+    params[:, :k] = rng.uniform(-80, 80, (n, k))
+    # a sweep of every log scale at every position, on both edges and inside
+    sweep = np.linspace(-20.0, 60.0, 161)
+    params[: len(sweep), k + c * k : k + 2 * c * k] = sweep[:, None]
+    x = random_grid(rng, n, c, bits)
+    x[: len(sweep) // 3] = -1.0
+    x[len(sweep) // 3 : 2 * len(sweep) // 3] = 1.0
+    if top < n:  # every grid value of the first channel appears
+        x[-(top + 1) :, 0] = 2.0 * np.arange(top + 1) / top - 1.0
+    p = tf.Variable(params[:, None, None, :].astype(np.float32))
+    with tf.GradientTape() as tape:
+        lp = mixture_log_prob(tf.constant(x[:, None, None, :], tf.float32), p, bits)
+    grad = tape.gradient(lp, p).numpy()
+    assert np.all(np.isfinite(lp.numpy())), "log p is not finite"
+    assert np.all(np.isfinite(grad)), f"{int((~np.isfinite(grad)).sum())} gradients not finite"
+    ref = reference_log_prob(as_float32(x), as_float32(params), c, k, bits)
+    np.testing.assert_allclose(lp.numpy(), ref, rtol=1e-5, atol=c * 2e-4)
+    # the gradient is the float64 one where the float32 value is well conditioned
+    eps = 1e-3
+    probe = params[:64].copy()
+    probe[:, k + c * k : k + 2 * c * k] = rng.uniform(12.0, 16.0, (64, c * k))
+    base = reference_log_prob(x[:64], probe, c, k, bits)
+    moved = probe.copy()
+    moved[:, k + c * k] += eps  # channel 0, component 0's log scale
+    numeric = (reference_log_prob(x[:64], moved, c, k, bits) - base) / eps
+    pv = tf.Variable(probe[:, None, None, :].astype(np.float32))
+    with tf.GradientTape() as tape:
+        lp = mixture_log_prob(tf.constant(x[:64, None, None, :], tf.float32), pv, bits)
+    ours = tape.gradient(lp, pv).numpy()[:, 0, 0, k + c * k]
+    np.testing.assert_allclose(ours, numeric, atol=2e-3, rtol=1e-2)
 
 
 # ----------------------------------------------------------------- normalisation

@@ -133,6 +133,24 @@ def test_mirrored_matches_one_device_and_partial_batches_are_means():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_training_step_stays_finite_where_log_scales_are_large():
+    """A network whose output log scales reach 13 (a wide logistic, e.g. after an
+    overshoot at a high learning rate) trains on: finite loss, gradients and weights.
+    The likelihood's gradient was NaN there, which stopped such runs."""
+    trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    set_weights(trainer, initial_weights())
+    out = trainer.model.out_nin
+    k = TINY["num_mixtures"]
+    bias = np.zeros(out.b.shape, np.float32)
+    bias[2 * k : 3 * k] = 13.0  # the log scales of the one channel
+    out.b.assign(bias)
+    out.g.assign(np.full(out.g.shape, 1e-3, np.float32))
+    losses = run_steps(trainer, make_batches(n_batches=2))
+    assert np.all(np.isfinite(losses)), losses
+    for v in trainer.model.trainable_variables:
+        assert np.all(np.isfinite(v.numpy())), v.path
+
+
 WORKER = textwrap.dedent(
     """
     import json, os, sys
