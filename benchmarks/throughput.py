@@ -189,7 +189,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
     dtypes = sorted({"float32", precision})
     before = {d: matmul_peak(d, windows=3) for d in dtypes}
     train_ips = timed(train_step, steps) * images_per_call / batch
-    eval_ips = timed(trainer.eval_step, steps) if variant == "default" else None
+    eval_ips = timed(trainer.eval_steps["ema"], steps) if variant == "default" else None
     after = {d: matmul_peak(d, windows=3) for d in dtypes}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
     return {

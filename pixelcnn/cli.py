@@ -33,6 +33,10 @@ def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
     import gin
 
     _import_configurables()
+    # `import my_data` in a config or binding finds a module in the working directory
+    # also through the console script (python main.py puts only its own folder first).
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     for path in configs:
         if not Path(path).is_file():
             raise click.BadParameter(f"config file {path} does not exist", param_hint="--config")

@@ -46,7 +46,8 @@ class PixelCNNPP(keras.Model):
     transposed convs crop back, so any H, W >= 1 works with any number of resolutions.
 
     Args:
-      image_shape: (H, W, C), any H, W >= 1 and C >= 1.
+      image_shape: (H, W, C), any H, W >= 1 and C >= 1. Required; ``train`` passes the
+        shape of its dataset's images when gin does not bind it.
       residual_blocks: number of resolutions (3 in the paper), >= 1.
       residual_layers_per_block: gated resnets per resolution (nr_resnet, 5 in the paper).
       filters: channels of both streams (160 in the paper).
@@ -70,7 +71,7 @@ class PixelCNNPP(keras.Model):
 
     def __init__(
         self,
-        image_shape=(32, 32, 3),
+        image_shape=None,
         residual_blocks: int = 3,
         residual_layers_per_block: int = 5,
         filters: int = 160,
@@ -84,6 +85,11 @@ class PixelCNNPP(keras.Model):
     ):
         # No **kwargs: gin must be able to reject a misspelt binding.
         super().__init__(name=name, dtype=dtype)
+        if image_shape is None:
+            raise ValueError(
+                "PixelCNNPP: image_shape is required, e.g. PixelCNNPP((28, 28, 1)); training "
+                "takes it from the dataset unless PixelCNNPP.image_shape is bound in gin"
+            )
         image_shape = tuple(image_shape)
         if len(image_shape) != 3:
             raise ValueError(

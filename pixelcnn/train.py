@@ -14,6 +14,7 @@ A run directory holds everything needed to resume or to use the model later:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pixelcnn import data, likelihood
+from pixelcnn import data, likelihood, sampling
 from pixelcnn.model import PixelCNNPP
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
@@ -264,6 +265,23 @@ def _compile(fn, spec=None):
     return tf.function(fn, input_signature=[spec], autograph=False)
 
 
+WEIGHTS = ("ema", "raw")  # the two sets of weights every evaluation reports
+
+
+def ema_decay_at(decay: float, updates) -> tf.Tensor:
+    """The EMA's decay for its update after ``updates`` earlier ones (a tensor).
+
+    min(decay, (1 + t) / (10 + t)), the rule of tf.train.ExponentialMovingAverage with
+    ``num_updates``: the average covers the steps actually taken instead of keeping the
+    initial weights at decay^t of its weight (the authors' EMA has no warm-up, which
+    only stops mattering after ~10,000 steps). t is the optimizer's step count, which
+    the checkpoint holds, so a resumed run continues the same average, and a
+    checkpoint written before this rule continues from its own step.
+    """
+    t = tf.cast(updates, tf.float32)
+    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + t) / (10.0 + t))
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the compiled steps."""
 
@@ -284,8 +302,11 @@ class Trainer:
         with strategy.scope():
             self.model = model_fn(dtype=PRECISIONS[precision])
             self.ema = model_fn(dtype="float32")
-            _build(self.model)
-            _build(self.ema)
+            # The raw weights are evaluated in float32 too (as `evaluate --raw-weights`
+            # does): a bfloat16 model gets a float32 copy, refreshed before each use.
+            self.raw = self.model if precision == "float32" else model_fn(dtype="float32")
+            for model in {id(m): m for m in (self.model, self.ema, self.raw)}.values():
+                _build(model)
             draw_initial_weights(self.model, seed)
             # The authors multiply the rate by learning_rate_decay every step (the seed
             # decayed it per epoch by mistake).
@@ -302,7 +323,7 @@ class Trainer:
         self.dims = float(np.prod(self.model.image_shape))
         self.num_bits = self.model.num_bits
         self.train_step = _compile(self._train_step)
-        self.eval_step = _compile(self._eval_step)
+        self.eval_steps = {w: _compile(self._eval_step_for(w)) for w in WEIGHTS}
         self._specs = {}
 
     def trace_for(self, train_spec=None, eval_spec=None) -> None:
@@ -315,13 +336,12 @@ class Trainer:
         spec, so one graph serves every batch. Giving the spec already compiled for
         keeps the compiled step.
         """
-        for name, step, spec in (
-            ("train_step", self._train_step, train_spec),
-            ("eval_step", self._eval_step, eval_spec),
-        ):
-            if spec is not None and self._specs.get(name) != spec:
-                setattr(self, name, _compile(step, spec))
-                self._specs[name] = spec
+        if train_spec is not None and self._specs.get("train") != train_spec:
+            self.train_step = _compile(self._train_step, train_spec)
+            self._specs["train"] = train_spec
+        if eval_spec is not None and self._specs.get("eval") != eval_spec:
+            self.eval_steps = {w: _compile(self._eval_step_for(w), eval_spec) for w in WEIGHTS}
+            self._specs["eval"] = eval_spec
 
     @property
     def step(self) -> tf.Variable:
@@ -361,31 +381,47 @@ class Trainer:
         nll_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None)
         n = self.strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None)
         # Polyak averaging, in cross-replica context: every copy gets the same update.
-        d = self.ema_decay
+        d = ema_decay_at(self.ema_decay, self.step - 1)
         for e, w in zip(self.ema.trainable_variables, self.model.trainable_variables, strict=True):
             e.assign_sub((1.0 - d) * (e - w))
         self.step_in_epoch.assign_add(1)
         return nll_sum / n, n
 
-    def _replica_eval(self, batch):
-        images, labels = batch["images"], batch.get("labels")
-        params = self.ema(images, labels, training=False)
-        nll = -likelihood.mixture_log_prob(images, params, self.num_bits, validate=False)
-        return tf.reduce_sum(nll), tf.cast(tf.shape(images)[0], tf.float32)
+    def _eval_step_for(self, weights: str):
+        """The step that sums the NLL of a distributed batch under the EMA or raw model."""
+        model = self.ema if weights == "ema" else self.raw
 
-    def _eval_step(self, batch):
-        nll_sum, n = self.strategy.run(self._replica_eval, args=(batch,))
-        reduce = self.strategy.reduce
-        return (
-            reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None),
-            reduce(tf.distribute.ReduceOp.SUM, n, axis=None),
-        )
+        def replica_eval(batch):
+            images, labels = batch["images"], batch.get("labels")
+            params = model(images, labels, training=False)
+            nll = -likelihood.mixture_log_prob(images, params, self.num_bits, validate=False)
+            return tf.reduce_sum(nll), tf.cast(tf.shape(images)[0], tf.float32)
 
-    def evaluate(self, dist_dataset) -> float:
-        """Mean test NLL per image (nats) with the EMA weights over a whole dataset."""
+        def eval_step(batch):
+            nll_sum, n = self.strategy.run(replica_eval, args=(batch,))
+            reduce = self.strategy.reduce
+            return (
+                reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None),
+                reduce(tf.distribute.ReduceOp.SUM, n, axis=None),
+            )
+
+        return eval_step
+
+    def evaluate(self, dist_dataset, weights: str = "ema") -> float:
+        """Mean test NLL per image (nats) over a whole dataset.
+
+        weights: "ema" (the average) or "raw" (the training weights, in float32).
+        """
+        if weights == "raw" and self.raw is not self.model:
+            with self.strategy.scope():
+                for r, w in zip(
+                    self.raw.trainable_variables, self.model.trainable_variables, strict=True
+                ):
+                    r.assign(w)
+        step = self.eval_steps[weights]
         total, count = 0.0, 0.0
         for batch in dist_dataset:
-            s, n = self.eval_step(batch)
+            s, n = step(batch)
             total += float(s)
             count += float(n)
         if count == 0:
@@ -445,6 +481,7 @@ def train(
     ema_decay: float = 0.9995,
     max_epoch: int = 100,
     max_steps: int | None = None,
+    max_minutes: float | None = None,
     chkpt_to_keep: int = 5,
     checkpoint_every_minutes: float = 30.0,
     eval_every_steps: int | None = None,
@@ -461,22 +498,30 @@ def train(
       log_dir: the run directory; an existing one with checkpoints resumes.
       strategy: from make_strategy.
       dataset_fn: fn(batch_size) -> (train, test) tf.data datasets; see pixelcnn.data.
+        The images' (H, W, C) decide the model's image_shape unless
+        ``PixelCNNPP.image_shape`` is bound (then the data must match it).
       batch_size: global batch size (split over replicas).
       learning_rate, beta_1, beta_2: Adam; the defaults are the authors'.
       learning_rate_decay: factor applied to the rate every step.
-      ema_decay: Polyak averaging of the weights, used for evaluation and sampling.
+      ema_decay: Polyak averaging of the weights, used for sampling; the decay warms up
+        as min(ema_decay, (1 + t) / (10 + t)) at step t (see ``ema_decay_at``).
       max_epoch: epochs to train; max_steps, if set, stops earlier.
+      max_minutes: wall-clock budget of this invocation, evaluation included: training
+        stops early enough for the final evaluation and checkpoint to fit (None: none).
       chkpt_to_keep: checkpoints kept; one is written every epoch, every
         ``checkpoint_every_minutes``, at the end and on SIGINT/SIGTERM.
       eval_every_steps: evaluate every N steps too (always at the end of each epoch).
+        Every evaluation reports the EMA and the raw (training) weights.
       images_to_log: samples drawn every ``log_images_every`` epochs (0: none).
       init_batch_size: images of the first batch used for data-dependent init.
       precision: "float32" or "bfloat16" (mixed: weights, likelihood, EMA and optimizer
         state stay float32).
       seed: seeds TensorFlow's random ops and the logged samples.
     Returns:
-      {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim", "samples"}
+      {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim" (EMA),
+      "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}
     """
+    start = time.monotonic()
     if dataset_fn is gin.REQUIRED or dataset_fn is None:
         raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
     if precision not in PRECISIONS:
@@ -486,15 +531,20 @@ def train(
             f"train.batch_size={batch_size} must be divisible by the "
             f"{strategy.num_replicas_in_sync} replicas"
         )
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
     keras.utils.set_random_seed(seed)
     log_dir = Path(log_dir)
     chief = is_chief(strategy)
     log_dir.mkdir(parents=True, exist_ok=True)
 
     train_ds, test_ds = dataset_fn(batch_size)
+    first = data.first_batch(train_ds, "train")
+    image_shape = _image_shape(first)
+    model_fn = functools.partial(PixelCNNPP, image_shape=image_shape)
     trainer = Trainer(
         strategy,
-        PixelCNNPP,
+        model_fn,
         learning_rate,
         learning_rate_decay,
         beta_1,
@@ -505,152 +555,299 @@ def train(
     )
     model = trainer.model
     # Validate the data before any work: one clear error instead of a wasted run.
-    first = next(iter(train_ds))
     data.check_batch(first, model.image_shape, model.num_bits, model.num_classes, "train")
-    data.check_batch(
-        next(iter(test_ds)), model.image_shape, model.num_bits, model.num_classes, "test"
-    )
-
-    def prepare(ds):
-        return ds.map(
-            lambda *e: _as_dict(data.to_model_input(e[0] if len(e) == 1 else e, model.num_bits)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        ).prefetch(tf.data.AUTOTUNE)
-
-    train_ds, test_ds = prepare(train_ds), prepare(test_ds)
+    data.check_batch(test_ds, model.image_shape, model.num_bits, model.num_classes, "test")
+    train_ds, test_ds = _prepare(train_ds, model.num_bits), _prepare(test_ds, model.num_bits)
     if chief:
         _write_config(log_dir, model, precision)
 
-    ckpt = tf.train.Checkpoint(
-        model=model,
-        ema=trainer.ema,
-        optimizer=trainer.optimizer,
-        epoch=trainer.epoch,
-        step_in_epoch=trainer.step_in_epoch,
-    )
-    # Non-chief workers of a multi-worker run write to a scratch directory they delete.
-    ckpt_dir = log_dir / "checkpoints" if chief else log_dir / f"tmp_worker_{_task_id(strategy)}"
-    manager = tf.train.CheckpointManager(ckpt, str(ckpt_dir), max_to_keep=chkpt_to_keep)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} at step {_value(trainer.step)}")
-    else:
+    checkpoints = _Checkpoints(trainer, log_dir, strategy, chkpt_to_keep, checkpoint_every_minutes)
+    if not checkpoints.restore():
         init = _as_dict(data.to_model_input(first, model.num_bits))
         trainer.initialize(
             init["images"][:init_batch_size],
             init["labels"][:init_batch_size] if "labels" in init else None,
         )
+    summaries = _Summaries(log_dir, chief)
+    run = _Run(trainer, test_ds, summaries, checkpoints, log_dir, start, batch_size)
+    deadline = _Deadline(start, max_minutes, test_ds)
 
-    writers = (
-        {k: tf.summary.create_file_writer(str(log_dir / k)) for k in ("train", "eval")}
-        if chief
-        else {k: tf.summary.create_noop_writer() for k in ("train", "eval")}
-    )
-    with writers["train"].as_default():
-        tf.summary.text("operative_config", _markdown(gin.operative_config_str()), step=0)
-
-    def save(reason: str) -> str:
-        path = manager.save(checkpoint_number=trainer.step)
-        if not chief:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return f"{reason}: saved {path}"
-
-    def run_eval() -> float:
-        dist_test = strategy.experimental_distribute_dataset(test_ds)
-        trainer.trace_for(eval_spec=dist_test.element_spec)
-        nll = trainer.evaluate(dist_test)
-        bpd = trainer.bits_per_dim(nll)
-        with writers["eval"].as_default():
-            tf.summary.scalar("nll", nll, step=trainer.step)
-            tf.summary.scalar("bits_per_dim", bpd, step=trainer.step)
-        return bpd
-
-    result = {"test_bits_per_dim": None, "train_bits_per_dim": None, "samples": []}
-
-    def samples(step: int) -> None:
-        if chief and images_to_log:
-            path = log_samples(trainer.ema, log_dir, images_to_log, seed, step, writers["train"])
-            result["samples"].append(str(path))
-
-    last_save = time.monotonic()
+    stopped = None
     with _StopRequested() as stop:
-        while _value(trainer.epoch) < max_epoch:
+        while stopped is None and _value(trainer.epoch) < max_epoch:
             if max_steps is not None and _value(trainer.step) >= max_steps:
                 break
-            epoch = _value(trainer.epoch)
-            # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
-            # order this continues the same curve exactly.
-            skip = _value(trainer.step_in_epoch)
-            dist_train = strategy.experimental_distribute_dataset(train_ds.skip(skip))
-            trainer.trace_for(train_spec=dist_train.element_spec)
-            bar = tqdm(
-                desc=f"epoch {epoch + 1}/{max_epoch}",
-                unit="img",
-                disable=not (progress and chief),
+            stopped = _train_epoch(
+                run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, stop, progress
             )
-            running, tick = None, time.monotonic()
-            stopped_early = False
-            for batch in dist_train:
-                loss, count = trainer.train_step(batch)
-                nll, count = float(loss), int(count)
-                step = _value(trainer.step)
-                if not math.isfinite(nll):
-                    raise FloatingPointError(
-                        f"the training loss became {nll} at step {step}; the last good "
-                        f"checkpoint is kept in {ckpt_dir}. Lower train.learning_rate or check "
-                        "the data."
-                    )
-                now = time.monotonic()
-                rate = count / max(now - tick, 1e-9)
-                tick = now
-                running = nll if running is None else 0.98 * running + 0.02 * nll
-                bar.update(count)
-                bar.set_postfix(bpd=f"{trainer.bits_per_dim(running):.3f}", img_s=f"{rate:.1f}")
-                with writers["train"].as_default():
-                    tf.summary.scalar("nll", nll, step=step)
-                    tf.summary.scalar("bits_per_dim", trainer.bits_per_dim(nll), step=step)
-                    tf.summary.scalar("learning_rate", trainer.schedule(step - 1), step=step)
-                    tf.summary.scalar("images_per_sec", rate, step=step)
-                result["train_bits_per_dim"] = trainer.bits_per_dim(running)
-                if eval_every_steps and step % eval_every_steps == 0:
-                    result["test_bits_per_dim"] = run_eval()
-                if stop.signal is not None:
-                    bar.close()
-                    print(save(f"signal {stop.signal} at step {step}"))
-                    raise TrainingInterrupted(
-                        f"stopped by signal {stop.signal} at step {step}; rerun with the same "
-                        "--log-dir to resume"
-                    )
-                if now - last_save > 60.0 * checkpoint_every_minutes:
-                    save("timer")
-                    last_save = now
-                if max_steps is not None and step >= max_steps:
-                    stopped_early = True
-                    break
-            bar.close()
-            if not stopped_early:
+            if stopped is None:
                 trainer.epoch.assign_add(1)
                 trainer.step_in_epoch.assign(0)
-            result["test_bits_per_dim"] = run_eval()
-            print(
-                f"epoch {_value(trainer.epoch)} step {_value(trainer.step)}: test bits/dim "
-                f"{result['test_bits_per_dim']:.4f} (EMA weights)"
-            )
-            if not stopped_early and _value(trainer.epoch) % log_images_every == 0:
-                samples(_value(trainer.step))
-            save(f"epoch {_value(trainer.epoch)}")
-            last_save = time.monotonic()
-    if result["test_bits_per_dim"] is None:
-        result["test_bits_per_dim"] = run_eval()
-    if not result["samples"]:
-        samples(_value(trainer.step))
-    save("end")
-    for w in writers.values():
-        w.flush()
-    result.update(step=_value(trainer.step), epoch=_value(trainer.epoch))
+            if stopped != "max_minutes":  # a budget stop evaluates once, below
+                run.evaluate()
+            if stopped is None and _value(trainer.epoch) % log_images_every == 0 and chief:
+                run.log_samples(images_to_log, seed)
+            checkpoints.save(f"epoch {_value(trainer.epoch)}")
+    if stopped == "max_minutes" or not run.evaluations:
+        run.evaluate()
+    if not run.samples and chief and stopped != "max_minutes":
+        run.log_samples(images_to_log, seed)
+    checkpoints.save("end")
+    summaries.flush()
+    result = run.result() | {"stopped": stopped or "finished"}
+    if stopped == "max_minutes":
+        print(f"stopped at step {result['step']} to fit train.max_minutes = {max_minutes}")
     if chief:
         write_text_atomic(log_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _image_shape(batch) -> tuple[int, int, int]:
+    """PixelCNNPP.image_shape as bound in gin, else the (H, W, C) of the data's images."""
+    try:
+        bound = gin.query_parameter("PixelCNNPP.image_shape")
+    except ValueError:  # not bound
+        bound = None
+    if bound is not None:
+        return tuple(bound)
+    return data.infer_image_shape(batch)
+
+
+def _prepare(ds: tf.data.Dataset, num_bits: int) -> tf.data.Dataset:
+    """Any accepted element format -> {"images": float [B, H, W, C], "labels"?}."""
+    return ds.map(
+        lambda *e: _as_dict(data.to_model_input(e[0] if len(e) == 1 else e, num_bits)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    ).prefetch(tf.data.AUTOTUNE)
+
+
+class _Checkpoints:
+    """The run's tf.train.Checkpoint, its manager and the save timer.
+
+    Non-chief workers of a multi-worker run write to a scratch directory they delete.
+    """
+
+    def __init__(self, trainer, log_dir: Path, strategy, keep: int, every_minutes: float):
+        self.trainer = trainer
+        self.chief = is_chief(strategy)
+        self.directory = (
+            log_dir / "checkpoints" if self.chief else log_dir / f"tmp_worker_{_task_id(strategy)}"
+        )
+        self.checkpoint = tf.train.Checkpoint(
+            model=trainer.model,
+            ema=trainer.ema,
+            optimizer=trainer.optimizer,
+            epoch=trainer.epoch,
+            step_in_epoch=trainer.step_in_epoch,
+        )
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self.directory), max_to_keep=keep
+        )
+        self.every_seconds = 60.0 * every_minutes
+        self.last = time.monotonic()
+        self.seconds = None  # how long the last save took
+
+    def restore(self) -> bool:
+        """Restores the latest checkpoint; False when there is none (a new run)."""
+        path = self.manager.latest_checkpoint
+        if not path:
+            return False
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        print(f"resumed from {path} at step {_value(self.trainer.step)}")
+        return True
+
+    def save(self, reason: str) -> str:
+        began = time.monotonic()
+        path = self.manager.save(checkpoint_number=self.trainer.step)
+        if not self.chief:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.last = time.monotonic()
+        self.seconds = self.last - began
+        return f"{reason}: saved {path}"
+
+    def save_if_due(self) -> None:
+        if time.monotonic() - self.last > self.every_seconds:
+            self.save("timer")
+
+
+class _Summaries:
+    """TensorBoard writers: train/, eval/ (EMA weights) and eval_raw/ (raw weights)."""
+
+    def __init__(self, log_dir: Path, chief: bool):
+        names = ("train", *(_eval_run_name(w) for w in WEIGHTS))
+        make = (lambda k: tf.summary.create_file_writer(str(log_dir / k))) if chief else None
+        self.writers = {k: make(k) if chief else tf.summary.create_noop_writer() for k in names}
+        with self.writers["train"].as_default():
+            tf.summary.text("operative_config", _markdown(gin.operative_config_str()), step=0)
+
+    def scalars(self, run: str, step: int, **values) -> None:
+        with self.writers[run].as_default():
+            for tag, value in values.items():
+                tf.summary.scalar(tag, value, step=step)
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        with self.writers["train"].as_default():
+            tf.summary.image(tag, grid[None].astype(np.float32) / 255.0, step=step)
+
+    def flush(self) -> None:
+        for w in self.writers.values():
+            w.flush()
+
+
+def _eval_run_name(weights: str) -> str:
+    return "eval" if weights == "ema" else f"eval_{weights}"
+
+
+class _Run:
+    """What one invocation of train() measured: evaluations, samples, the train loss."""
+
+    def __init__(self, trainer, test_ds, summaries, checkpoints, log_dir, start, batch_size):
+        self.trainer, self.test_ds = trainer, test_ds
+        self.summaries, self.checkpoints = summaries, checkpoints
+        self.log_dir, self.start = log_dir, start
+        # steps before a resume are counted as full batches
+        self.images = _value(trainer.step) * batch_size
+        self.train_bits_per_dim = None
+        self.evaluations, self.samples = [], []
+        self.eval_seconds = None  # how long the last evaluation took
+
+    def evaluate(self) -> dict:
+        """Test bits/dim with the EMA and the raw weights; console, TensorBoard, result."""
+        began = time.monotonic()
+        trainer, step = self.trainer, _value(self.trainer.step)
+        dist_test = trainer.strategy.experimental_distribute_dataset(self.test_ds)
+        trainer.trace_for(eval_spec=dist_test.element_spec)
+        entry = {"step": step, "epoch": _value(trainer.epoch), "images": self.images}
+        for weights in WEIGHTS:
+            nll = trainer.evaluate(dist_test, weights)
+            bpd = trainer.bits_per_dim(nll)
+            self.summaries.scalars(_eval_run_name(weights), step, nll=nll, bits_per_dim=bpd)
+            entry[f"test_bits_per_dim_{weights}"] = bpd
+        now = time.monotonic()
+        self.eval_seconds = now - began
+        entry["seconds"] = round(now - self.start, 1)
+        self.evaluations.append(entry)
+        print(
+            f"epoch {entry['epoch']} step {step}: test bits/dim "
+            f"{entry['test_bits_per_dim_ema']:.4f} (EMA weights), "
+            f"{entry['test_bits_per_dim_raw']:.4f} (raw weights)"
+        )
+        return entry
+
+    def log_samples(self, count: int, seed: int) -> None:
+        if count:
+            step = _value(self.trainer.step)
+            path, grid = log_samples(self.trainer.ema, self.log_dir, count, seed, step)
+            self.summaries.image("samples", grid, step)
+            self.samples.append(str(path))
+
+    def result(self) -> dict:
+        last = self.evaluations[-1] if self.evaluations else {}
+        return {
+            "step": _value(self.trainer.step),
+            "epoch": _value(self.trainer.epoch),
+            "train_bits_per_dim": self.train_bits_per_dim,
+            "test_bits_per_dim": last.get("test_bits_per_dim_ema"),
+            "test_bits_per_dim_raw": last.get("test_bits_per_dim_raw"),
+            "evaluations": self.evaluations,
+            "samples": self.samples,
+        }
+
+
+class _Deadline:
+    """train.max_minutes: whether one more step still leaves time for the final
+    evaluation and checkpoint, from how long the last ones took (estimated from the
+    steps' own time until they have run once)."""
+
+    def __init__(self, start: float, max_minutes: float | None, test_ds: tf.data.Dataset):
+        self.end = None if max_minutes is None else start + 60.0 * max_minutes
+        batches = int(test_ds.cardinality())
+        self.test_batches = batches if batches > 0 else None
+        self.first_step = None  # seconds of the first step (its trace included)
+
+    def leaves_time(self, run: _Run, step_seconds: float) -> bool:
+        if self.end is None:
+            return True
+        if self.first_step is None:  # its time is mostly the trace: no estimate yet
+            self.first_step = step_seconds
+            return time.monotonic() + 2 * step_seconds < self.end
+        if run.eval_seconds is not None:
+            finish = run.eval_seconds
+        elif self.test_batches is not None:
+            # the two eval steps' traces (forward only: together about one training
+            # step's trace), then both weights over the test set, each batch taken to
+            # cost a training step (evaluation costs about a third of one)
+            finish = self.first_step + 2 * self.test_batches * step_seconds
+        else:
+            finish = 0.1 * (self.end - run.start)
+        save = run.checkpoints.seconds if run.checkpoints.seconds is not None else 2.0
+        margin = max(2.0, 2 * step_seconds)
+        return time.monotonic() + step_seconds + finish + save + margin < self.end
+
+
+def _train_epoch(
+    run: _Run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, stop, progress
+) -> str | None:
+    """Trains to the end of the epoch; returns why it stopped earlier, or None.
+
+    "max_steps" or "max_minutes"; a signal saves and raises TrainingInterrupted.
+    """
+    trainer = run.trainer
+    # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset order
+    # this continues the same curve exactly.
+    skip = _value(trainer.step_in_epoch)
+    dist_train = trainer.strategy.experimental_distribute_dataset(train_ds.skip(skip))
+    trainer.trace_for(train_spec=dist_train.element_spec)
+    bar = tqdm(
+        desc=f"epoch {_value(trainer.epoch) + 1}/{max_epoch}",
+        unit="img",
+        disable=not (progress and run.checkpoints.chief),
+    )
+    running, tick = None, time.monotonic()
+    try:
+        for batch in dist_train:
+            loss, count = trainer.train_step(batch)
+            nll, count = float(loss), int(count)
+            step = _value(trainer.step)
+            if not math.isfinite(nll):
+                raise FloatingPointError(
+                    f"the training loss became {nll} at step {step}; the last good checkpoint "
+                    f"is kept in {run.checkpoints.directory}. Lower train.learning_rate or "
+                    "check the data."
+                )
+            now = time.monotonic()
+            seconds, tick = max(now - tick, 1e-9), now
+            run.images += count
+            running = nll if running is None else 0.98 * running + 0.02 * nll
+            run.train_bits_per_dim = trainer.bits_per_dim(running)
+            bar.update(count)
+            bar.set_postfix(bpd=f"{run.train_bits_per_dim:.3f}", img_s=f"{count / seconds:.1f}")
+            run.summaries.scalars(
+                "train",
+                step,
+                nll=nll,
+                bits_per_dim=trainer.bits_per_dim(nll),
+                learning_rate=trainer.schedule(step - 1),
+                images_per_sec=count / seconds,
+            )
+            if eval_every_steps and step % eval_every_steps == 0:
+                run.evaluate()
+                tick = time.monotonic()
+            if stop.signal is not None:
+                bar.close()
+                print(run.checkpoints.save(f"signal {stop.signal} at step {step}"))
+                raise TrainingInterrupted(
+                    f"stopped by signal {stop.signal} at step {step}; rerun with the same "
+                    "--log-dir to resume"
+                )
+            run.checkpoints.save_if_due()
+            if max_steps is not None and step >= max_steps:
+                return "max_steps"
+            if not deadline.leaves_time(run, seconds):
+                return "max_minutes"
+        return None
+    finally:
+        bar.close()
 
 
 def _value(variable) -> int:
@@ -672,9 +869,8 @@ def _markdown(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def log_samples(model, log_dir: Path, count: int, seed: int, step: int, writer) -> Path:
-    """Draws ``count`` samples with the (EMA) model; writes a PNG grid and a summary."""
-    from pixelcnn import sampling  # local: sampling imports this module's helpers
+def log_samples(model, log_dir: Path, count: int, seed: int, step: int) -> tuple[Path, np.ndarray]:
+    """Draws ``count`` samples with the (EMA) model; writes and returns a PNG grid."""
 
     labels = None
     if model.num_classes:
@@ -683,15 +879,23 @@ def log_samples(model, log_dir: Path, count: int, seed: int, step: int, writer) 
     grid = make_grid(images.numpy(), model.num_bits)
     path = log_dir / "samples" / f"step_{step:08d}.png"
     save_png(grid, path)
-    with writer.as_default():
-        tf.summary.image("samples", grid[None].astype(np.float32) / 255.0, step=step)
-    return path
+    return path, grid
+
+
+GRID_MIN_SIZE = 448  # pixels on a grid's long side: an image viewer shows it at full size
 
 
 def make_grid(
-    images: np.ndarray, num_bits: int, columns: int | None = None, pad: int = 1
+    images: np.ndarray,
+    num_bits: int,
+    columns: int | None = None,
+    pad: int = 1,
+    min_size: int = GRID_MIN_SIZE,
 ) -> np.ndarray:
-    """int [N, H, W, C] in [0, 2**b) -> uint8 [rows*(H+pad), cols*(W+pad), 1 or 3] grid."""
+    """int [N, H, W, C] in [0, 2**b) -> uint8 [S*(rows*(H+pad)+pad), S*(cols*(W+pad)+pad),
+    1 or 3] grid, grey borders between the images, enlarged by the smallest integer
+    nearest-neighbour factor S that gives at least ``min_size`` pixels on the long side
+    (the exact integers belong in an .npz beside it)."""
     n, h, w, c = images.shape
     columns = columns or int(math.ceil(math.sqrt(n)))
     rows = int(math.ceil(n / columns))
@@ -705,7 +909,8 @@ def make_grid(
         r, col = divmod(k, columns)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         grid[top : top + h, left : left + w] = scaled[k]
-    return grid
+    factor = max(1, math.ceil(min_size / max(grid.shape[:2])))
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
 
 
 def save_png(grid: np.ndarray, path: Path) -> None:

