@@ -81,7 +81,7 @@ def ceiling(name: str, precision: str) -> dict:
             kind = f"{kh}x{kw} stride {layer.strides}, {x_shape[3]}->{layer.filters}"
 
         def forward(x, kernel, bias, layer=layer, transpose=transpose):
-            return layer._apply(x if transpose else layer.pad(x), kernel) + bias
+            return layer.linear_map(x if transpose else layer.pad(x), kernel) + bias
 
         def evaluate(x, kernel, bias):
             return tf.reduce_sum(forward(x, kernel, bias)[..., :1])

@@ -1,6 +1,6 @@
 """Times the reference sampler against the cached one (pixelcnn.sampling).
 
-Configs: the seed's MNIST model (32x32x1, 64 filters, 2 gated resnets per block, 3
+Configs: the original TF2 code's MNIST model (32x32x1, 64 filters, 2 gated resnets per block, 3
 resolutions, 3 mixtures) and the paper's CIFAR-10 model (32x32x3, 160 filters, 5 per
 block, 10 mixtures). Weights come from the data-dependent init on random images:
 sampling cost does not depend on how well the model is trained.
@@ -69,7 +69,7 @@ CONFIGS = {
 SAMPLERS = {
     "naive": "naive",
     "fast": "fast_xla",  # the default of sample_fast (XLA)
-    "fast_no_xla": "fast_graph",  # sample_fast with sampling.FAST_JIT_COMPILE = False
+    "fast_no_xla": "fast_graph",  # sample_fast(..., jit_compile=False)
 }
 
 

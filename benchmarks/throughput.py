@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                      # B1 and B2, float32 and bfloat16
     python benchmarks/throughput.py --configs B1 --precisions float32 --steps 5
 
-B1 is the seed's MNIST configuration (32x32x1, filters 64, 2 layers per block,
+B1 is the original TF2 code's MNIST configuration (32x32x1, filters 64, 2 layers per block,
 3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
 per block, 10 mixtures, batch 8). The timed steps are the ones training uses
 (pixelcnn.train.Trainer.train_step / eval_step), on synthetic data already in memory.
@@ -46,8 +46,8 @@ CONFIGS = {
 def record_products(model, images) -> list:
     """[(layer, input shape, kernel shape, output shape)] of every linear map of one pass.
 
-    Recorded at ``_apply``, the linear map itself, whichever path calls it; its input
-    is already padded. A 1x1 layer fed several parts (see ``WeightNormConv2D.on``) runs
+    Recorded at ``linear_map``, the linear map itself, whichever path calls it; its input
+    is already padded. A 1x1 layer fed several parts (see ``WeightNormConv2D.conv_of_activation``) runs
     one product per part, each on its own rows of the kernel.
     """
     from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
@@ -55,19 +55,19 @@ def record_products(model, images) -> list:
     calls = []
     originals = {}
     for cls in (WeightNormConv2D, WeightNormConv2DTranspose):
-        originals[cls] = cls._apply
+        originals[cls] = cls.linear_map
 
-        def _apply(self, x, kernel, _original=originals[cls]):
+        def linear_map(self, x, kernel, _original=originals[cls]):
             out = _original(self, x, kernel)
             calls.append((self, tuple(x.shape), tuple(kernel.shape), tuple(out.shape)))
             return out
 
-        cls._apply = _apply
+        cls.linear_map = linear_map
     try:
         model(images)
     finally:
         for cls, original in originals.items():
-            cls._apply = original
+            cls.linear_map = original
     return calls
 
 
@@ -111,10 +111,10 @@ def pipeline_throughput(batch: int = 16, seconds: float = 3.0) -> float:
     """Images/s of the training input pipeline alone (embedded MNIST, as train() maps it)."""
     import tensorflow as tf
 
-    from pixelcnn import data
+    from pixelcnn import contract, data
 
     train_ds, _ = data.embedded_mnist(batch)
-    ds = train_ds.map(lambda *e: data.to_model_input(e, 8), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = train_ds.map(lambda *e: contract.to_model_input(e, 8), num_parallel_calls=tf.data.AUTOTUNE)
     it = iter(ds.prefetch(tf.data.AUTOTUNE).repeat())
     next(it)
     images, start = 0, time.perf_counter()

@@ -2,6 +2,8 @@
 
 Public API:
   PixelCNNPP                       the network (a gin-configurable keras.Model)
+  ModelConfig                      its architecture, as model.json holds it
+  load_for_inference               a trained model from a run directory (EMA or raw)
   unpack_params                    raw outputs -> logits, means, log_scales, coeffs
   mixture_log_prob                 exact log-likelihood in nats per image
   mixture_sample                   one sample per pixel, on the b-bit grid
@@ -17,13 +19,16 @@ from pixelcnn.likelihood import (
     num_params,
     unpack_params,
 )
-from pixelcnn.model import PixelCNNPP
+from pixelcnn.model import ModelConfig, PixelCNNPP
+from pixelcnn.rundir import load_for_inference
 from pixelcnn.sampling import complete, sample_fast, sample_naive
 
 __all__ = [
+    "ModelConfig",
     "PixelCNNPP",
     "bits_per_dim",
     "complete",
+    "load_for_inference",
     "mixture_log_prob",
     "mixture_sample",
     "num_params",

@@ -68,12 +68,12 @@ def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
     help="Split the CPU into N logical devices (multigpu then runs N replicas without GPUs).",
 )
 @click.pass_context
-def main(ctx, configs, bindings, log_dir, debug, cpu_devices):
+def main(ctx, configs, bindings, log_dir, debug, cpu_devices):  # --log-dir: the run directory
     """PixelCNN++ for TensorFlow 2: training, sampling, evaluation, completion."""
     ctx.ensure_object(dict)
-    ctx.obj.update(configs=configs, bindings=bindings, log_dir=log_dir)
+    ctx.obj.update(configs=configs, bindings=bindings, run_dir=log_dir)
     if cpu_devices:
-        from pixelcnn.train import split_cpu
+        from pixelcnn.distribute import split_cpu
 
         split_cpu(cpu_devices)
     if debug:
@@ -83,14 +83,15 @@ def main(ctx, configs, bindings, log_dir, debug, cpu_devices):
 
 
 def _train(ctx, kind: str, device: str | None = None) -> None:
+    from pixelcnn import distribute, rundir
     from pixelcnn import train as training
 
     parse_gin(ctx.obj["configs"], ctx.obj["bindings"])
-    log_dir = ctx.obj["log_dir"] or training.new_run_dir()
-    strategy = training.make_strategy(kind, device)
-    click.echo(f"run directory: {log_dir} ({strategy.num_replicas_in_sync} replica(s))")
+    run_dir = ctx.obj["run_dir"] or rundir.new_run_dir()
+    strategy = distribute.make_strategy(kind, device)
+    click.echo(f"run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
     try:
-        result = training.train(log_dir, strategy)
+        result = training.train(run_dir, strategy)
     except training.TrainingInterrupted as e:
         click.echo(str(e), err=True)
         sys.exit(130)
@@ -125,9 +126,9 @@ def multiworker(ctx):
 
 # ------------------------------------------------------------------------ inference
 def _run_dir(ctx) -> Path:
-    if not ctx.obj["log_dir"]:
+    if not ctx.obj["run_dir"]:
         raise click.UsageError("pass the run directory: pixelcnn --log-dir RUN_DIR ...")
-    run_dir = Path(ctx.obj["log_dir"])
+    run_dir = Path(ctx.obj["run_dir"])
     if not run_dir.is_dir():
         raise click.ClickException(f"run directory {run_dir} does not exist")
     return run_dir
@@ -144,20 +145,20 @@ DEVICES = click.option(
 
 
 def _inference_strategy(devices: str):
-    from pixelcnn import train as training
+    from pixelcnn import distribute
 
-    several = len(training.local_devices()) > 1
+    several = len(distribute.local_devices()) > 1
     if devices == "all" or (devices == "auto" and several):
-        return training.make_strategy("multigpu")
-    return training.make_strategy("single")
+        return distribute.make_strategy("multigpu")
+    return distribute.make_strategy("single")
 
 
 def _load(ctx, checkpoint, raw=False, strategy=None):
-    from pixelcnn import train as training
+    from pixelcnn import rundir
 
     run_dir = _run_dir(ctx)
     try:
-        model, path = training.load_for_inference(run_dir, checkpoint, not raw, strategy)
+        model, path = rundir.load_for_inference(run_dir, checkpoint, not raw, strategy)
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"loaded {'raw' if raw else 'EMA'} weights from {path}", err=True)
@@ -168,7 +169,17 @@ def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
     """The run's (train, test) datasets, rebuilt from run_dir/config.gin."""
     import gin
 
-    parse_gin((str(run_dir / "config.gin"), *ctx.obj["configs"]), ctx.obj["bindings"])
+    try:
+        parse_gin((str(run_dir / "config.gin"), *ctx.obj["configs"]), ctx.obj["bindings"])
+    except click.UsageError as e:
+        if isinstance(e.__cause__, ImportError):
+            raise click.ClickException(
+                f"cannot rebuild the run's dataset from {run_dir / 'config.gin'}: "
+                f"{e.__cause__}. The module that defines the run's train.dataset_fn must be "
+                "importable (run from the folder that holds it, or add it to PYTHONPATH), "
+                "or pass the images with --npz FILE or --folder DIR"
+            ) from e
+        raise
     try:
         train_ds, test_ds = gin.query_parameter("train.dataset_fn").scoped_configurable_fn(
             batch_size
@@ -178,34 +189,34 @@ def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
     return train_ds if split == "train" else test_ds
 
 
-def _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
-    """Yields (int images [B,H,W,C], labels [B] or None) from the chosen source."""
-    import numpy as np
+def _integer_batches(ctx, run_dir, model, split, npz, folder, batch_size):
+    """(int images [B,H,W,C], labels [B] or None) batches from --npz, --folder or the
+    run's own dataset, checked against the model; every problem is one clear message."""
+    from pixelcnn import data, scoring
 
-    from pixelcnn import data
+    source = f"--npz {npz}" if npz else f"--folder {folder}" if folder else None
+    try:
+        if npz:
+            ds, _ = data.npz(batch_size, npz, test_fraction=0.0)
+        elif folder:
+            ds, _ = data.image_folder(
+                batch_size, folder, image_shape=model.image_shape, test_fraction=0.0
+            )
+        else:
+            ds = _run_dataset(ctx, run_dir, batch_size, split)
+    except (ValueError, OSError) as e:
+        raise click.ClickException(f"{source or 'the run dataset'}: {e}") from e
+    batches = scoring.integer_batches(
+        ds, model.image_shape, model.num_bits, model.num_classes, source or split
+    )
 
-    if npz:
-        ds, _ = data.npz(batch_size, npz, test_fraction=0.0)
-    elif folder:
-        ds, _ = data.image_folder(
-            batch_size, folder, image_shape=model.image_shape, test_fraction=0.0
-        )
-    else:
-        ds = _run_dataset(ctx, run_dir, batch_size, split)
-    first = True
-    for element in ds:
-        if first:
-            try:
-                data.check_batch(
-                    element, model.image_shape, model.num_bits, model.num_classes, split
-                )
-            except ValueError as e:
-                raise click.ClickException(str(e)) from e
-            first = False
-        images, labels = data.to_model_input(element, model.num_bits)
-        top = 2**model.num_bits - 1
-        ints = np.rint((images.numpy() + 1.0) * top / 2.0).astype(np.int32)
-        yield ints, None if labels is None else labels.numpy()
+    def checked():
+        try:
+            yield from batches
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
+
+    return checked()
 
 
 @main.command()
@@ -243,30 +254,18 @@ def evaluate(
     ctx, checkpoint, split, npz, folder, batch_size, per_image, output, raw_weights, devices
 ):
     """Bits/dim of a dataset (default: the run's test set) with the EMA weights."""
-    import math
-
-    import numpy as np
-
-    from pixelcnn import likelihood
-    from pixelcnn import train as training
+    from pixelcnn import scoring
 
     strategy = _inference_strategy(devices)
     run_dir, model = _load(ctx, checkpoint, raw_weights, strategy)
-    log_prob = training.distributed_log_prob(strategy, model)
-    scores, labels_out = [], []
-    for images, labels in _dataset_images(ctx, run_dir, model, split, npz, folder, batch_size):
-        lp = log_prob(images, labels if model.num_classes else None)
-        scores.append(lp.numpy())
-        labels_out.append(labels if labels is not None else np.full(len(images), -1))
-    if not scores:
-        raise click.ClickException("the dataset is empty")
-    lp = np.concatenate(scores).astype(np.float64)
-    bpd = likelihood.bits_per_dim(lp, model.image_shape).numpy()
+    batches = _integer_batches(ctx, run_dir, model, split, npz, folder, batch_size)
+    try:
+        scores = scoring.score(model, batches, strategy)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
     result = {
         "source": npz or folder or f"run {split} set",
-        "images": int(len(lp)),
-        "nll_nats": float(-lp.mean()),
-        "bits_per_dim": float(-lp.mean() / (np.prod(model.image_shape) * math.log(2.0))),
+        **scores.summary(),
         "weights": "raw" if raw_weights else "ema",
     }
     out = (
@@ -274,10 +273,12 @@ def evaluate(
     )
     out.write_text(json.dumps(result, indent=2) + "\n")
     if per_image:
+        labels = scores.labels if scores.labels is not None else [-1] * len(scores.log_prob)
         with open(per_image, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["index", "label", "log_prob_nats", "bits_per_dim"])
-            for i, (s, y, b) in enumerate(zip(lp, np.concatenate(labels_out), bpd, strict=True)):
+            rows = zip(scores.log_prob, labels, scores.bits_per_dim, strict=True)
+            for i, (s, y, b) in enumerate(rows):
                 w.writerow([i, int(y), f"{s:.6f}", f"{b:.6f}"])
     click.echo(json.dumps(result, indent=2))
 
@@ -309,7 +310,7 @@ def sample(ctx, checkpoint, num, labels, seed, output, naive, devices):
     import numpy as np
 
     from pixelcnn import sampling
-    from pixelcnn.train import make_grid, save_png
+    from pixelcnn.images import make_grid, save_png
 
     strategy = _inference_strategy(devices)
     run_dir, model = _load(ctx, checkpoint, strategy=strategy)
@@ -333,11 +334,15 @@ def _labels_for(model, labels, num):
         if labels:
             raise click.UsageError("--label is only for class-conditional models")
         return None
-    for y in labels:
-        if not 0 <= y < model.num_classes:
-            raise click.BadParameter(
-                f"label {y} is not in [0, {model.num_classes})", param_hint="--label"
-            )
+    if labels:
+        import numpy as np
+
+        from pixelcnn import contract
+
+        try:
+            contract.check_labels(np.array(labels), len(labels), model.num_classes, "--label")
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--label") from e
     base = list(labels) or list(range(model.num_classes))
     return tf.constant([base[i % len(base)] for i in range(num)], tf.int32)
 
@@ -383,7 +388,7 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
     import tensorflow as tf
 
     from pixelcnn import sampling
-    from pixelcnn.train import make_grid, save_png
+    from pixelcnn.images import make_grid, save_png
 
     strategy = _inference_strategy(devices)
     run_dir, model = _load(ctx, checkpoint, strategy=strategy)
@@ -393,14 +398,13 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
         if model.num_classes:
             labels = np.zeros(len(images), np.int32)
     else:
-        got, got_labels = [], []
-        for batch, y in _dataset_images(ctx, run_dir, model, split, None, None, num):
-            got.append(batch)
-            got_labels.append(y)
-            if sum(len(b) for b in got) >= num:
-                break
-        images = np.concatenate(got)[:num]
-        labels = None if got_labels[0] is None else np.concatenate(got_labels)[:num]
+        from pixelcnn import scoring
+
+        batches = _integer_batches(ctx, run_dir, model, split, None, None, num)
+        try:
+            images, labels = scoring.take(batches, num)
+        except ValueError as e:
+            raise click.ClickException(str(e)) from e
     if mask_path:
         mask = _read_mask(mask_path, h, w)
     else:

@@ -27,9 +27,8 @@ SHIFTS = ("down", "down_right", None)
 
 
 # Crops use tf.slice rather than Python slicing (StridedSlice): the gradient of Slice
-# is a Pad, while StridedSliceGrad is a slow generic copy (on 2 CPU cores it cost
-# 10-17 ms per crop of a 16x32x32x64 map; using tf.slice made a training step of the
-# seed's MNIST model 4% faster).
+# is a Pad, while StridedSliceGrad is a slow generic copy (a faster training step;
+# benchmarks/README.md).
 def crop(x: tf.Tensor, begin, size) -> tf.Tensor:
     """``x[:, r0 : r0 + rows, c0 : c0 + cols]`` for begin = (r0, c0), size = (rows, cols)."""
     return tf.slice(x, [0, begin[0], begin[1], 0], [-1, size[0], size[1], -1])
@@ -68,11 +67,9 @@ def _concat_elu_value(x: tf.Tensor) -> tf.Tensor:
     y = tf.concat([x, -x], axis=-1)
     if x.dtype == tf.bfloat16:
         # TensorFlow's bfloat16 Elu rounds exp(z) to bfloat16 before subtracting 1, so
-        # small negative z lose most of their digits (elu(-0.01) came out 18% off; the
-        # mean relative error over N(0, 0.05) inputs was 4%). In float32, rounded once
-        # at the end, the error is one bfloat16 rounding, and on CPU the two casts and
-        # the float32 Elu also run faster than the bfloat16 Elu (2.6-3.2 against 4.3-4.5
-        # ms on a 16x32x32x128 map; the MNIST model's bfloat16 training step 3-4% faster).
+        # small negative z lose most of their digits. In float32, rounded once at the
+        # end, the error is one bfloat16 rounding (tested), and on CPU it is also faster
+        # (benchmarks/README.md).
         return tf.cast(tf.nn.elu(tf.cast(y, tf.float32)), x.dtype)
     return tf.nn.elu(y)
 
@@ -115,7 +112,7 @@ _MASK_LEVELS = 1 << 16
 def dropout_keep_mask(shape, rate: float, seed) -> tuple[tf.Tensor, float]:
     """A stateless random keep-mask of ``shape`` (last axis even) and its scale.
 
-    Returns (keep: bool tensor, scale = 1 / P(keep)); ``seed`` is a [2] int32 tensor.
+    Returns (keep: bool tensor, scale = 1 / P(keep)); ``seed`` is a [2] int tensor.
     """
     threshold = round(rate * _MASK_LEVELS)
     shape = tf.convert_to_tensor(shape)
@@ -155,35 +152,45 @@ class ConcatEluDropout(keras.layers.Layer):
 
     Same result as ``keras.layers.Dropout(rate)(concat_elu(x))`` up to the random
     draw, with half the random bits and less memory kept for the backward pass
-    (see ``concat_elu_dropout``). Seeds come from a Keras SeedGenerator, which is
-    checkpointed with the layer, so resumed runs continue the same sequence of masks.
+    (see ``concat_elu_dropout``).
+
+    Masks: with a ``seed`` ([2] ints; training passes one derived from the run's seed,
+    the step and the replica) the mask is a pure function of that seed and this layer's
+    ``index`` (its place in the network), so a resumed run draws exactly the masks of
+    the uninterrupted one and nothing needs checkpointing. Without one (a direct call
+    with ``training=True``) a Keras SeedGenerator draws fresh masks.
     """
 
-    def __init__(self, rate: float, **kwargs):
+    def __init__(self, rate: float, index: int = 0, **kwargs):
         super().__init__(**kwargs)
         if not 0.0 <= rate < 1.0:
             raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
         self.rate = float(rate)
+        self.index = int(index)
         if self.rate > 0:
             self.seed_generator = keras.random.SeedGenerator()
         self.built = True  # nothing depends on the input shape
 
-    def activation(self, x, training=False):
+    def activation(self, x, training=False, seed=None):
         """``(f, scale)``: dropout(concat_elu(x)) is ``scale * f(x)`` for this ``x``.
 
         The mask is drawn here, outside ``f``, so ``f`` is pure and can be recomputed
         in the backward pass; ``scale`` (1 / P(keep) when training, else 1) is left to
-        the caller to fold into the next linear map (see ``WeightNormConv2D.on``).
+        the caller to fold into the next linear map (see
+        ``WeightNormConv2D.conv_of_activation``).
         """
         if not training or self.rate == 0:
             return concat_elu, 1.0
-        seed = tf.cast(tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1), tf.int32)
+        if seed is None:
+            seed = tf.math.floormod(self.seed_generator.next(), tf.int32.max - 1)
+        else:
+            seed = tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), self.index)
         shape = tf.concat([tf.shape(x)[:-1], 2 * tf.shape(x)[-1:]], 0)
-        keep, scale = dropout_keep_mask(shape, self.rate, seed)
+        keep, scale = dropout_keep_mask(shape, self.rate, tf.cast(seed, tf.int64))
         return (lambda x: concat_elu_dropout(x, keep)), scale
 
-    def call(self, x, training=False):
-        f, scale = self.activation(x, training)
+    def call(self, x, training=False, seed=None):
+        f, scale = self.activation(x, training, seed)
         y = f(x)
         return y if scale == 1.0 else y * tf.constant(scale, y.dtype)
 
@@ -207,8 +214,9 @@ def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[
 class _WeightNorm(keras.layers.Layer):
     """Shared weight-norm machinery: direction ``v``, per-unit scale ``g``, bias ``b``.
 
-    Subclasses define ``_apply(x, kernel)`` (the linear map without bias),
-    ``_unit_kernel()`` (v / ||v||) and ``_kernel()`` (g * v / ||v||).
+    Subclasses define ``linear_map(x, kernel)`` (the map without bias, on an input
+    already padded), ``_unit_kernel()`` (v / ||v||) and ``weight_normed_kernel()``
+    (g * v / ||v||); the fast sampler applies ``linear_map`` to its cached windows.
     """
 
     def __init__(self, filters: int, init_scale: float = 1.0, **kwargs):
@@ -233,8 +241,8 @@ class _WeightNorm(keras.layers.Layer):
 
     def preactivation(self, x: tf.Tensor) -> tf.Tensor:
         """The layer's output on an already padded/windowed input (no padding here)."""
-        kernel = tf.cast(self._kernel(), self.compute_dtype)
-        y = self._apply(tf.cast(x, self.compute_dtype), kernel)
+        kernel = tf.cast(self.weight_normed_kernel(), self.compute_dtype)
+        y = self.linear_map(tf.cast(x, self.compute_dtype), kernel)
         return y + tf.cast(self.b, self.compute_dtype)
 
     def _initialise(self, x: tf.Tensor, select=lambda t: t) -> tf.Tensor:
@@ -242,7 +250,7 @@ class _WeightNorm(keras.layers.Layer):
 
         ``select`` picks the outputs the network uses, so the statistics are theirs.
         """
-        t = select(self._apply(tf.cast(x, self.v.dtype), self._unit_kernel()))
+        t = select(self.linear_map(tf.cast(x, self.v.dtype), self._unit_kernel()))
         mean, var = tf.nn.moments(t, axes=list(range(len(t.shape) - 1)))
         # Units that do not depend on the data (row 0 of the u stream sees only padding,
         # and at a one-row resolution that is the whole map) keep g = init_scale:
@@ -285,10 +293,12 @@ class WeightNormConv2D(_WeightNorm):
     def _unit_kernel(self) -> tf.Tensor:
         return self._direction([0, 1, 2])
 
-    def _kernel(self) -> tf.Tensor:
+    def weight_normed_kernel(self) -> tf.Tensor:
+        """g * v / ||v||: the kernel the layer applies (float32, the variables' dtype)."""
         return self._unit_kernel() * self.g
 
-    def _apply(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    def linear_map(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        """The convolution by ``kernel`` of an already padded x (no bias, VALID)."""
         if self.kernel_size == (1, 1) and self.strides == 1:
             return tf.einsum("bhwc,cf->bhwf", x, kernel[0, 0])
         return tf.nn.conv2d(x, kernel, strides=self.strides, padding="VALID")
@@ -304,7 +314,7 @@ class WeightNormConv2D(_WeightNorm):
             return self._initialise(x)
         return self.preactivation(x)
 
-    def on(
+    def conv_of_activation(
         self,
         f,
         x,
@@ -313,7 +323,8 @@ class WeightNormConv2D(_WeightNorm):
         recompute: bool = True,
         fx=None,
     ) -> tf.Tensor:
-        """``self(scale * f(x))`` for an elementwise ``f``.
+        """This convolution of an activation, ``self(scale * f(x))`` for an elementwise
+        ``f``, computed without forming ``scale * f(x)`` (and by parts, see ``x``).
 
         Args:
           f: the elementwise function.
@@ -343,14 +354,14 @@ class WeightNormConv2D(_WeightNorm):
         def forward(xs, kernel, bias, fxs=None):
             fxs = fxs or [f(t) for t in xs]
             if len(xs) == 1:
-                return self._apply(self.pad(fxs[0]), kernel) + bias
+                return self.linear_map(self.pad(fxs[0]), kernel) + bias
             # concat_elu of the concatenation has channels [x_1, ..., x_n, -x_1, ...,
             # -x_n]; concat_elu(x_i) has [x_i, -x_i]: pick those rows of the kernel.
             total, start, y = sum(sizes), 0, bias
             for fx_i, size in zip(fxs, sizes, strict=True):
                 pos = kernel[:, :, start : start + size]
                 neg = kernel[:, :, total + start : total + start + size]
-                y = y + self._apply(fx_i, tf.concat([pos, neg], axis=2))
+                y = y + self.linear_map(fx_i, tf.concat([pos, neg], axis=2))
                 start += size
             return y
 
@@ -375,7 +386,7 @@ class WeightNormConv2D(_WeightNorm):
 
         xs = [tf.cast(t, dtype) for t in parts]
         fxs = None if fx is None else list(fx) if isinstance(fx, tuple) else [fx]
-        kernel = self._kernel()
+        kernel = self.weight_normed_kernel()
         if scale != 1.0:
             kernel = kernel * scale
         kernel, bias = tf.cast(kernel, dtype), tf.cast(self.b, dtype)
@@ -414,10 +425,11 @@ class WeightNormConv2DTranspose(_WeightNorm):
     def _unit_kernel(self) -> tf.Tensor:
         return self._direction([0, 1, 3])
 
-    def _kernel(self) -> tf.Tensor:
+    def weight_normed_kernel(self) -> tf.Tensor:
         return self._unit_kernel() * self.g[:, None]
 
-    def _apply(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    def linear_map(self, x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+        """The stride-2 transposed convolution by ``kernel``, uncropped (no bias)."""
         kh, kw = self.kernel_size
         h, w = _hw(x)
         out_shape = tf.stack([tf.shape(x)[0], 2 * h + kh - 1, 2 * w + kw - 1, self.filters])
@@ -455,6 +467,7 @@ class GatedResnet(keras.layers.Layer):
         num_classes: int | None,
         dropout_rate: float,
         recompute: bool = True,
+        index: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -464,7 +477,7 @@ class GatedResnet(keras.layers.Layer):
         policy = self.dtype_policy
         self.conv1 = WeightNormConv2D(filters, kernel, shift, dtype=policy, name="conv1")
         self.nin_aux = WeightNormConv2D(filters, dtype=policy, name="nin_aux") if has_aux else None
-        self.dropout = ConcatEluDropout(dropout_rate, dtype=policy, name="dropout")
+        self.dropout = ConcatEluDropout(dropout_rate, index, dtype=policy, name="dropout")
         self.conv2 = WeightNormConv2D(
             2 * filters, kernel, shift, init_scale=0.1, dtype=policy, name="conv2"
         )
@@ -481,18 +494,21 @@ class GatedResnet(keras.layers.Layer):
             else None
         )
 
-    def call(self, x, a=None, h=None, training=False, init=False, shared=None):
+    def call(self, x, a=None, h=None, training=False, init=False, shared=None, seed=None):
         """x: the stream; a: the auxiliary input, a tensor or a tuple of tensors that
         stands for their concatenation on channels; h: the one-hot label; shared: a
-        ``SharedConcatElu`` of the forward pass, if any."""
+        ``SharedConcatElu`` of the forward pass, if any; seed: the dropout seed of the
+        step ([2] ints, see ``ConcatEluDropout``)."""
         ce = shared or concat_elu
-        c = self.conv1.on(concat_elu, x, init, recompute=self.recompute, fx=ce(x))
+        c = self.conv1.conv_of_activation(concat_elu, x, init, recompute=self.recompute, fx=ce(x))
         if self.nin_aux is not None:
             parts = a if isinstance(a, tuple) else (a,)
             fa = tuple(ce(t) for t in parts)
-            c = c + self.nin_aux.on(concat_elu, parts, init, recompute=self.recompute, fx=fa)
-        f, scale = self.dropout.activation(c, training)
-        c = self.conv2.on(f, c, init, scale, self.recompute)
+            c = c + self.nin_aux.conv_of_activation(
+                concat_elu, parts, init, recompute=self.recompute, fx=fa
+            )
+        f, scale = self.dropout.activation(c, training, seed)
+        c = self.conv2.conv_of_activation(f, c, init, scale, self.recompute)
         return self.gate(x, c, h)
 
     def gate(self, x, c, h=None):

@@ -161,27 +161,6 @@ def check_unit_grid(x, num_bits: int, what: str = "x"):
     )
 
 
-def check_integer_images(images, image_shape, num_bits: int):
-    """Raises ValueError unless images are integers [B, H, W, C] in [0, 2**b)."""
-    shape = tuple(images.shape)
-    if len(shape) != 4 or tuple(shape[1:]) != tuple(image_shape):
-        raise ValueError(
-            f"images must have shape [batch, {', '.join(map(str, image_shape))}], got {shape}"
-        )
-    if images.dtype.is_floating:
-        raise ValueError(
-            f"images must be integers in [0, {2**num_bits}), got dtype {images.dtype.name}; "
-            "use pixelcnn.mixture_log_prob for floats in [-1, 1]"
-        )
-    if tf.executing_eagerly():
-        arr = np.asarray(images)
-        if arr.size and (arr.min() < 0 or arr.max() >= 2**num_bits):
-            raise ValueError(
-                f"images must lie in [0, {2**num_bits}) for num_bits={num_bits}, got values "
-                f"in [{arr.min()}, {arr.max()}]"
-            )
-
-
 def subpixel_log_prob(x: tf.Tensor, params: tf.Tensor, num_bits: int = 8) -> tf.Tensor:
     """Per-component, per-channel log bin masses.
 
@@ -249,10 +228,17 @@ def mixture_log_prob(
         return tf.reduce_sum(per_pixel_lp, axis=[1, 2])
 
 
-def bits_per_dim(log_prob: tf.Tensor, image_shape) -> tf.Tensor:
-    """-log p / (H W C ln 2): nats per image -> bits per sub-pixel."""
+def bits_per_dim(log_prob, image_shape):
+    """-log p / (H W C ln 2): log-likelihoods in nats -> bits per sub-pixel.
+
+    log_prob: a tensor (gives a tensor), an array or a float (give float64). This is
+    the one place the conversion is written; a mean NLL per image converts as
+    ``bits_per_dim(-nll, image_shape)``.
+    """
     dims = float(np.prod(image_shape))
-    return -tf.convert_to_tensor(log_prob) / (dims * math.log(2.0))
+    if isinstance(log_prob, tf.Tensor | tf.Variable):
+        return -log_prob / (dims * math.log(2.0))
+    return -np.asarray(log_prob, np.float64) / (dims * math.log(2.0))
 
 
 def sample_with_noise(

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import gin
 import keras
 import tensorflow as tf
 
-from pixelcnn import likelihood
+from pixelcnn import contract, likelihood
 from pixelcnn.layers import (
     GatedResnet,
     SharedConcatElu,
@@ -34,6 +35,67 @@ def _check_positive_int(name: str, value, minimum: int = 1) -> int:
     return value
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a PixelCNNPP: what model.json holds, what rebuilds it.
+
+    ``PixelCNNPP(**config.to_json())`` builds the network; the constructor arguments
+    that are not here (``recompute_activations``, ``dtype``) change how it computes,
+    not what it computes. Validated on construction (ValueError with the fix).
+    """
+
+    image_shape: tuple[int, int, int]
+    residual_blocks: int = 3
+    residual_layers_per_block: int = 5
+    filters: int = 160
+    num_mixtures: int = 10
+    dropout_rate: float = 0.5
+    num_classes: int | None = None
+    num_bits: int = 8
+
+    def __post_init__(self):
+        if self.image_shape is None:
+            raise ValueError(
+                "PixelCNNPP: image_shape is required, e.g. PixelCNNPP((28, 28, 1)); training "
+                "takes it from the dataset unless PixelCNNPP.image_shape is bound in gin"
+            )
+        image_shape = tuple(self.image_shape)
+        if len(image_shape) != 3:
+            raise ValueError(
+                f"PixelCNNPP: image_shape must be (height, width, channels), got {image_shape!r}; "
+                "use (H, W, 1) for grayscale"
+            )
+        for axis, size in zip(("height", "width", "channels"), image_shape, strict=True):
+            _check_positive_int(f"image_shape {axis}", size)
+        _check_positive_int("residual_blocks", self.residual_blocks)
+        _check_positive_int("residual_layers_per_block", self.residual_layers_per_block, 0)
+        _check_positive_int("filters", self.filters)
+        _check_positive_int("num_mixtures", self.num_mixtures)
+        _check_positive_int("num_bits", self.num_bits)
+        if self.num_bits > 16:
+            raise ValueError(f"PixelCNNPP: num_bits must be <= 16, got {self.num_bits}")
+        if self.num_classes is not None:
+            _check_positive_int("num_classes", self.num_classes)
+        if not 0.0 <= float(self.dropout_rate) < 1.0:
+            raise ValueError(
+                f"PixelCNNPP: dropout_rate must be in [0, 1), got {self.dropout_rate!r}"
+            )
+        object.__setattr__(self, "image_shape", image_shape)
+        object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
+
+    def to_json(self) -> dict:
+        """The fields as JSON values (image_shape a list)."""
+        return dataclasses.asdict(self) | {"image_shape": list(self.image_shape)}
+
+    @classmethod
+    def from_json(cls, fields: dict) -> ModelConfig:
+        """From ``to_json``'s dict; other keys (e.g. model.json's "precision") are
+        ignored, missing ones take the defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in names})
+
+
+@keras.saving.register_keras_serializable(package="pixelcnn")
 @gin.configurable
 class PixelCNNPP(keras.Model):
     """PixelCNN++ over images of shape ``image_shape = (H, W, C)``.
@@ -58,11 +120,10 @@ class PixelCNNPP(keras.Model):
       num_bits: bits per sub-pixel (8 for ordinary images).
       recompute_activations: keep each gated resnet's convolution inputs before their
         concat_elu (half the size) and recompute the concat_elu in the backward pass.
-        Results are the same either way. On the 2-core CPU the paper's CIFAR model
-        then trains in float32 in 3.8 GB instead of 4.7 GB at batch 8, and the seed's
-        MNIST model about 6% slower; in bfloat16 the recomputation costs about 16%
-        (bfloat16 elementwise ops are slow on CPUs). None (the default) turns it on for
-        float32 and off for bfloat16 computation.
+        Results are the same either way: less memory for a little more time in float32,
+        and more time in bfloat16, whose elementwise ops are slow on CPUs (figures in
+        benchmarks/README.md). None (the default) turns it on for float32 and off for
+        bfloat16 computation.
 
     Calling ``model(images, labels=None, training=False)`` on float32 [B, H, W, C] in
     [-1, 1] returns the raw mixture parameters [B, H, W, P] in float32, P =
@@ -85,37 +146,23 @@ class PixelCNNPP(keras.Model):
     ):
         # No **kwargs: gin must be able to reject a misspelt binding.
         super().__init__(name=name, dtype=dtype)
-        if image_shape is None:
-            raise ValueError(
-                "PixelCNNPP: image_shape is required, e.g. PixelCNNPP((28, 28, 1)); training "
-                "takes it from the dataset unless PixelCNNPP.image_shape is bound in gin"
-            )
-        image_shape = tuple(image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(
-                f"PixelCNNPP: image_shape must be (height, width, channels), got {image_shape!r}; "
-                "use (H, W, 1) for grayscale"
-            )
-        for axis, size in zip(("height", "width", "channels"), image_shape, strict=True):
-            _check_positive_int(f"image_shape {axis}", size)
-        _check_positive_int("residual_blocks", residual_blocks)
-        _check_positive_int("residual_layers_per_block", residual_layers_per_block, 0)
-        _check_positive_int("filters", filters)
-        _check_positive_int("num_mixtures", num_mixtures)
-        _check_positive_int("num_bits", num_bits)
-        if num_bits > 16:
-            raise ValueError(f"PixelCNNPP: num_bits must be <= 16, got {num_bits}")
-        if num_classes is not None:
-            _check_positive_int("num_classes", num_classes)
-        if not 0.0 <= float(dropout_rate) < 1.0:
-            raise ValueError(f"PixelCNNPP: dropout_rate must be in [0, 1), got {dropout_rate!r}")
-
+        self.config = config = ModelConfig(
+            image_shape,
+            residual_blocks,
+            residual_layers_per_block,
+            filters,
+            num_mixtures,
+            dropout_rate,
+            num_classes,
+            num_bits,
+        )
+        image_shape = config.image_shape
         self.image_shape = image_shape
         self.residual_blocks = residual_blocks
         self.residual_layers_per_block = residual_layers_per_block
         self.filters = filters
         self.num_mixtures = num_mixtures
-        self.dropout_rate = float(dropout_rate)
+        self.dropout_rate = config.dropout_rate
         self.num_classes = num_classes
         self.num_bits = num_bits
         if recompute_activations is None:
@@ -128,17 +175,22 @@ class PixelCNNPP(keras.Model):
         nr = residual_layers_per_block
         policy = self.dtype_policy  # e.g. "mixed_bfloat16": every sublayer computes in it
 
+        made = []  # the gated resnets in construction order: their dropout indices
+
         def resnet(shift, has_aux, name):
-            return GatedResnet(
+            block = GatedResnet(
                 filters,
                 shift,
                 has_aux,
                 num_classes,
                 dropout_rate,
                 self.recompute_activations,
+                index=len(made),
                 dtype=policy,
                 name=name,
             )
+            made.append(block)
+            return block
 
         # First layers: u = down_shift(conv[2,3](x)); ul = down_shift(conv[1,3](x)) +
         # right_shift(down_right_conv[2,1](x)).
@@ -206,13 +258,16 @@ class PixelCNNPP(keras.Model):
             )
         return tf.one_hot(tf.cast(labels, tf.int32), self.num_classes, dtype=self.compute_dtype)
 
-    def call(self, images, labels=None, training=False, init=False):
+    def call(self, images, labels=None, training=False, init=False, dropout_seed=None):
         """images: float [B, H, W, C] in [-1, 1]; labels: int [B] or None.
 
-        Returns float32 mixture parameters [B, H, W, num_params].
+        dropout_seed: [2] ints that decide every dropout mask of this call (training
+        passes one per step and replica, so resumed runs draw the same masks); None
+        draws fresh masks. Returns float32 mixture parameters [B, H, W, num_params].
         """
         x = tf.cast(images, self.compute_dtype)
         h = self.one_hot(labels)
+        seed = dropout_seed
         x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # the extra ones channel
 
         shared = SharedConcatElu()
@@ -223,8 +278,8 @@ class PixelCNNPP(keras.Model):
         us, uls = [u], [ul]
         for r in range(self.residual_blocks):
             for u_block, ul_block in zip(self.up_u[r], self.up_ul[r], strict=True):
-                u = u_block(u, h=h, training=training, init=init, shared=shared)
-                ul = ul_block(ul, a=u, h=h, training=training, init=init, shared=shared)
+                u = u_block(u, h=h, training=training, init=init, shared=shared, seed=seed)
+                ul = ul_block(ul, a=u, h=h, training=training, init=init, shared=shared, seed=seed)
                 us.append(u)
                 uls.append(ul)
             if r + 1 < self.residual_blocks:
@@ -239,10 +294,18 @@ class PixelCNNPP(keras.Model):
                 u = self.double_u[k - 1](u, target_hw=self.sizes[r], init=init)
                 ul = self.double_ul[k - 1](ul, target_hw=self.sizes[r], init=init)
             for u_block, ul_block in zip(self.down_u[k], self.down_ul[k], strict=True):
-                u = u_block(u, a=us.pop(), h=h, training=training, init=init, shared=shared)
+                u = u_block(
+                    u, a=us.pop(), h=h, training=training, init=init, shared=shared, seed=seed
+                )
                 # a = concat([u, skip]) on channels, passed as its parts (see GatedResnet)
                 ul = ul_block(
-                    ul, a=(u, uls.pop()), h=h, training=training, init=init, shared=shared
+                    ul,
+                    a=(u, uls.pop()),
+                    h=h,
+                    training=training,
+                    init=init,
+                    shared=shared,
+                    seed=seed,
                 )
         assert not us and not uls, "every skip connection must be consumed"
         return self.out_nin(tf.nn.elu(tf.cast(ul, tf.float32)), init=init)
@@ -262,22 +325,41 @@ class PixelCNNPP(keras.Model):
     def log_prob(self, images, labels=None, training: bool = False):
         """Log-likelihood in nats [B] of integer images [B, H, W, C] in [0, 2**num_bits)."""
         images = tf.convert_to_tensor(images)
-        likelihood.check_integer_images(images, self.image_shape, self.num_bits)
+        contract.check_integer_images(images, self.image_shape, self.num_bits)
         x = likelihood.to_unit_range(images, self.num_bits)
         params = self(x, labels, training=training)
         return likelihood.mixture_log_prob(x, params, self.num_bits, validate=False)
 
     def config_summary(self) -> dict:
-        return {
-            "image_shape": list(self.image_shape),
-            "residual_blocks": self.residual_blocks,
-            "residual_layers_per_block": self.residual_layers_per_block,
-            "filters": self.filters,
-            "num_mixtures": self.num_mixtures,
-            "dropout_rate": self.dropout_rate,
-            "num_classes": self.num_classes,
-            "num_bits": self.num_bits,
+        """The architecture as JSON values (what model.json holds)."""
+        return self.config.to_json()
+
+    def build_variables(self) -> None:
+        """Creates the variables with one call on a zero image (and label)."""
+        labels = tf.zeros([1], tf.int32) if self.num_classes else None
+        self(tf.zeros([1, *self.image_shape]), labels)
+
+    # Keras-native saving (model.save("m.keras"), keras.saving.load_model): the
+    # architecture rebuilds the network; the variables are created before loading.
+    def get_config(self) -> dict:
+        return self.config.to_json() | {
+            "recompute_activations": self.recompute_activations,
+            "name": self.name,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
+
+    @classmethod
+    def from_config(cls, config: dict):
+        config = dict(config)
+        config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)
+
+    def get_build_config(self) -> dict:
+        return {"built": bool(self.built)}
+
+    def build_from_config(self, config: dict) -> None:
+        if config.get("built") and not self.built:
+            self.build_variables()
 
 
 # gin wraps __init__ as (*args, **kwargs); Keras inspects the constructor's argspec to

@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.compiler.tf2xla.python import xla
 
-from pixelcnn import likelihood
+from pixelcnn import contract, distribute, likelihood
 from pixelcnn.layers import WeightNormConv2DTranspose, concat_elu
 
 if TYPE_CHECKING:
@@ -56,14 +56,6 @@ __all__ = ["complete", "sample_fast", "sample_naive", "top_rows_mask"]
 
 Labels = Sequence[int] | np.ndarray | tf.Tensor | None
 Seed = int | tuple[int, int] | Sequence[int]
-
-# Compile the fast sampler with XLA (True) or run it as a plain TF graph (False). XLA
-# fuses the many small per-pixel ops and updates the caches in place; it compiles more
-# slowly but runs faster. Seed MNIST config (32x32x1), 2 CPU cores, batch 1 / 16 / 64
-# (benchmarks/results/sampling.json): run 0.22 / 0.83 / 2.6 s with XLA (compile 15-22 s
-# after a 4-5 s trace) against 0.88 / 1.46 / 3.9 s without (compile ~7 s after a 6-9 s
-# trace); the naive sampler takes 31 / 357 / ~1290 s.
-FAST_JIT_COMPILE = True
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -98,13 +90,7 @@ def _check_labels(model, labels, n: int):
     arr = np.asarray(labels)
     if arr.shape != (n,):
         raise ValueError(f"labels must have shape [{n}] (one per image), got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= model.num_classes):
-        raise ValueError(
-            f"labels must lie in [0, {model.num_classes}), got values in [{arr.min()}, {arr.max()}]"
-        )
-    return tf.constant(arr, tf.int32)
+    return tf.constant(contract.check_labels(arr, n, model.num_classes, "labels"), tf.int32)
 
 
 def _check_seed(seed) -> tf.Tensor:
@@ -124,20 +110,11 @@ def _check_known(model, known_images, known_mask, n: int):
     if known_images is None:
         return tf.zeros([n, h, w, c], tf.float32), tf.zeros([n, h, w], tf.bool)
     images = np.asarray(known_images)
-    if images.shape != (n, h, w, c):
+    if images.shape[:1] != (n,):
         raise ValueError(
-            f"known_images must have shape [{n}, {h}, {w}, {c}] (num_images and "
-            f"model.image_shape={tuple(model.image_shape)}), got {images.shape}"
+            f"known_images must hold num_images = {n} images, got shape {images.shape}"
         )
-    if not np.issubdtype(images.dtype, np.integer):
-        raise ValueError(
-            f"known_images must be integers in [0, {2**model.num_bits}), got dtype {images.dtype}"
-        )
-    if images.size and (images.min() < 0 or images.max() >= 2**model.num_bits):
-        raise ValueError(
-            f"known_images must lie in [0, {2**model.num_bits}) for num_bits={model.num_bits}, "
-            f"got values in [{images.min()}, {images.max()}]"
-        )
+    contract.check_integer_images(images, model.image_shape, model.num_bits, "known_images")
     mask = np.asarray(known_mask)
     if mask.dtype != bool:
         raise ValueError(f"known_mask must be bool, got dtype {mask.dtype}")
@@ -192,28 +169,8 @@ def _compiled(model, kind: str):
 def _run(model, kind: str, args: tuple, strategy: tf.distribute.Strategy | None):
     """Runs the compiled sampler on ``args``; with a strategy of k replicas the images
     are split into k consecutive chunks (with their own slices of the noise, so the
-    result is the same integers as on one device) and the results concatenated."""
-    fn = _compiled(model, kind)
-    k = 1 if strategy is None else strategy.num_replicas_in_sync
-    n = int(args[1].shape[0])
-    if k == 1 or n < k:  # every replica needs at least one image
-        return fn(*args)
-    bounds = [i * n // k for i in range(k + 1)]
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    def part(ctx):
-        lo, hi = bounds[ctx.replica_id_in_sync_group], bounds[ctx.replica_id_in_sync_group + 1]
-        return tuple(args[i][lo:hi] for i in present)
-
-    def replica_fn(values):
-        full = list(args)
-        for i, v in zip(present, values, strict=True):
-            full[i] = v
-        return fn(*full)
-
-    values = strategy.experimental_distribute_values_from_function(part)
-    out = strategy.run(replica_fn, args=(values,))
-    return tf.concat(strategy.experimental_local_results(out), axis=0)
+    result is the same images as on one device) and the results concatenated."""
+    return distribute.run_split(strategy, _compiled(model, kind), args)
 
 
 # ----------------------------------------------------------------------------- naive
@@ -366,8 +323,7 @@ class _FastPlan:
 
         A window exactly the size of the kernel (one output position) is a matrix
         product, much cheaper than a tiny convolution; anything else goes through the
-        layer's own linear map. ``_kernel``/``_apply`` are the layer's private kernel and
-        map: a public ``preactivation(x, kernel=...)`` in layers.py would be cleaner.
+        layer's own ``linear_map``.
         """
         kernel, bias = self._weights[id(layer)]
         x = tf.cast(x, self.dtype)
@@ -376,7 +332,7 @@ class _FastPlan:
         if is_conv and (h, w) == tuple(layer.kernel_size):
             y = tf.matmul(tf.reshape(x, [n, h * w * c]), tf.reshape(kernel, [h * w * c, -1]))
             return tf.reshape(y, [n, 1, 1, -1]) + bias
-        return layer._apply(x, kernel) + bias
+        return layer.linear_map(x, kernel) + bias
 
     def _put(self, buf, value, row, col):
         """buf with ``value`` [N, h, w, C] written at spatial offset (row, col)."""
@@ -614,7 +570,10 @@ class _FastPlan:
         n = mix_u.shape[0]
         bits = model.num_bits
         self._weights = {
-            id(layer): (tf.cast(layer._kernel(), self.dtype), tf.cast(layer.b, self.dtype))
+            id(layer): (
+                tf.cast(layer.weight_normed_kernel(), self.dtype),
+                tf.cast(layer.b, self.dtype),
+            )
             for layer in _conv_layers(model)
         }
         h = model.one_hot(labels)
@@ -682,12 +641,16 @@ def sample_fast(
     known_images: np.ndarray | tf.Tensor | None = None,
     known_mask: np.ndarray | tf.Tensor | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    jit_compile: bool = True,
 ) -> tf.Tensor:
     """Cached sampler (Ramachandran et al. 2017): the same integers as ``sample_naive``.
 
     Same arguments and result as ``sample_naive``: returns int32 [N, H, W, C] in
     [0, 2**model.num_bits). Each pixel costs one position of every layer (plus one row
-    of the u stream per image row) instead of a whole forward pass.
+    of the u stream per image row) instead of a whole forward pass. ``jit_compile``:
+    compile the generation with XLA (the default: it fuses the many small per-pixel ops
+    and updates the caches in place, so it compiles more slowly but runs 1.5-4x faster;
+    benchmarks/README.md, "Sampling") or run it as a plain TF graph.
 
     The first call per model and batch size traces and compiles the generation program
     (XLA; tens of seconds for the paper-sized networks), later calls reuse it. The
@@ -697,7 +660,7 @@ def sample_fast(
     now and then, with float64 models practically never.
     """
     args = _prepare(model, num_images, labels, seed, known_images, known_mask)
-    kind = "fast_xla" if FAST_JIT_COMPILE else "fast_graph"
+    kind = "fast_xla" if jit_compile else "fast_graph"
     return _run(model, kind, args, strategy)
 
 

@@ -1,19 +1,14 @@
-"""Training: strategies, the loop, EMA (Polyak averaging), checkpoints and summaries.
+"""Training: the Trainer (model, EMA, optimizer, compiled steps) and the loop.
 
-A run directory holds everything needed to resume or to use the model later:
-
-    run_dir/
-      config.gin             the parsed gin config (written at start-up)
-      operative_config.gin   the values the run actually used (start-up, after building)
-      model.json             the model's constructor arguments
-      checkpoints/           tf.train.Checkpoint: model, ema, optimizer, step, epoch
-      train/, eval/          TensorBoard summaries
-      samples/               PNG sample grids
+``train`` is the gin-configurable entry point behind ``pixelcnn single | multigpu |
+multiworker``: it builds the model for the data, restores or initialises it, then runs
+epochs of steps with evaluations (EMA and raw weights), checkpoints, summaries and
+sample grids. What it writes is laid out in ``pixelcnn.rundir``; devices and
+strategies are in ``pixelcnn.distribute``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -29,183 +24,14 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pixelcnn import data, likelihood, sampling
+from pixelcnn import contract, distribute, likelihood, rundir, sampling
+from pixelcnn.images import make_grid, save_png
 from pixelcnn.model import PixelCNNPP
 
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
-# ---------------------------------------------------------------------------- devices
-def split_cpu(num_devices: int) -> None:
-    """Splits the CPU into ``num_devices`` logical devices (call before TF starts).
-
-    Lets ``multigpu`` run several replicas on a machine without GPUs.
-    """
-    cpus = tf.config.list_physical_devices("CPU")
-    try:
-        tf.config.set_logical_device_configuration(
-            cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices
-        )
-    except RuntimeError as e:
-        if len(tf.config.list_logical_devices("CPU")) != num_devices:
-            raise RuntimeError(
-                "the CPU can only be split before TensorFlow has started; call split_cpu first"
-            ) from e
-
-
-def local_devices() -> list[str]:
-    """The local GPUs, or the logical CPU devices when there is no GPU."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
-
-
-def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strategy:
-    """'single' (one device), 'multigpu' (MirroredStrategy) or 'multiworker'.
-
-    single: ``device`` if given, else the first GPU, else the CPU.
-    multigpu: all local GPUs; without GPUs, all logical CPU devices (see split_cpu).
-    multiworker: MultiWorkerMirroredStrategy across the workers named in TF_CONFIG.
-    """
-    if kind == "single":
-        if device is None:
-            device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
-        return tf.distribute.OneDeviceStrategy(device)
-    if kind == "multigpu":
-        return tf.distribute.MirroredStrategy(local_devices())
-    if kind == "multiworker":
-        if "TF_CONFIG" not in os.environ:
-            raise ValueError(
-                "multiworker needs TF_CONFIG describing the cluster, e.g. "
-                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
-                '"task": {"type": "worker", "index": 0}}'
-            )
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise ValueError(f"unknown strategy {kind!r}: use single, multigpu or multiworker")
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker"
-        and resolver.task_id == 0
-        and "chief" not in resolver.cluster_spec().as_dict()
-    )
-
-
-# ---------------------------------------------------------------------------- run dirs
-def new_run_dir(root: str = "runs") -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path(root) / stamp
-    n = 1
-    while path.exists():
-        n += 1
-        path = Path(root) / f"{stamp}-{n}"
-    return path
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _unconfigured_model(config: dict) -> PixelCNNPP:
-    """PixelCNNPP(**config) with every argument explicit, so gin bindings cannot interfere."""
-    return PixelCNNPP(**config)
-
-
-def latest_checkpoint(run_dir: str | os.PathLike, checkpoint: str | None = None) -> str:
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    if checkpoint is not None:
-        if not tf.io.gfile.exists(checkpoint + ".index"):
-            raise FileNotFoundError(f"checkpoint {checkpoint} not found")
-        return checkpoint
-    path = tf.train.latest_checkpoint(str(ckpt_dir))
-    if path is None:
-        raise FileNotFoundError(
-            f"no checkpoint in {ckpt_dir}: train first (a run saves every epoch), or pass "
-            "--checkpoint"
-        )
-    return path
-
-
-def load_for_inference(
-    run_dir: str | os.PathLike,
-    checkpoint: str | None = None,
-    use_ema: bool = True,
-    strategy: tf.distribute.Strategy | None = None,
-) -> tuple[PixelCNNPP, str]:
-    """The run's model with its EMA (or raw) weights from the latest/given checkpoint.
-
-    With a strategy the variables are created in its scope (mirrored over its devices).
-    """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    config = _model_config(run_dir)
-    path = latest_checkpoint(run_dir, checkpoint)
-    with strategy.scope() if strategy is not None else contextlib.nullcontext():
-        model = _unconfigured_model(config)
-        _build(model)
-        ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model})
-        ckpt.restore(path).expect_partial().assert_existing_objects_matched()
-    return model, path
-
-
-def distributed_log_prob(strategy: tf.distribute.Strategy, model: PixelCNNPP):
-    """fn(images int [B, H, W, C], labels [B] or None) -> log p [B], the batch split
-    over the strategy's replicas (in order) and the results gathered."""
-    compiled = _compile(lambda x, y: model.log_prob(x, y))
-    k = strategy.num_replicas_in_sync
-    if k == 1:
-        return lambda images, labels=None: compiled(tf.constant(images), labels)
-
-    def fn(images, labels=None):
-        chunk = -(-len(images) // k)
-
-        def part(ctx):
-            i = ctx.replica_id_in_sync_group
-            y = None if labels is None else tf.constant(labels[i * chunk : (i + 1) * chunk])
-            return tf.constant(images[i * chunk : (i + 1) * chunk]), y
-
-        values = strategy.experimental_distribute_values_from_function(part)
-        out = strategy.run(lambda v: compiled(v[0], v[1]), args=(values,))
-        return tf.concat(strategy.experimental_local_results(out), axis=0)
-
-    return fn
-
-
-def _model_config(run_dir: Path) -> dict:
-    path = run_dir / "model.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: {run_dir} is not a pixelcnn run directory")
-    config = json.loads(path.read_text())
-    config["image_shape"] = tuple(config["image_shape"])
-    config.pop("precision", None)  # how it was trained; inference runs in float32
-    return config
-
-
-def _build(model: PixelCNNPP) -> None:
-    labels = tf.zeros([1], tf.int32) if model.num_classes else None
-    model(tf.zeros([1, *model.image_shape]), labels)
-
-
 # ---------------------------------------------------------------------------- steps
-def broadcast_from_first_replica(strategy: tf.distribute.Strategy, variables) -> None:
-    """Makes every replica (and worker) hold replica 0's values of ``variables``."""
-
-    def fn():
-        ctx = tf.distribute.get_replica_context()
-        first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
-        return [ctx.all_reduce(tf.distribute.ReduceOp.SUM, v * first) for v in variables]
-
-    values = strategy.run(tf.function(fn, autograph=False))
-    for v, value in zip(variables, values, strict=True):
-        v.assign(strategy.experimental_local_results(value)[0])
-
-
 def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
     """Draws every kernel from N(0, 0.05) (the authors' init) with a fixed seed.
 
@@ -219,46 +45,12 @@ def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
             v.assign(rng.normal(v.shape, 0.0, 0.05, dtype=v.dtype))
 
 
-class FusedAdam(keras.optimizers.Adam):
-    """Keras' Adam with each variable's update done by TensorFlow's fused kernel.
-
-    ``ResourceApplyAdam`` computes Keras' update (the "epsilon hat" form:
-    ``var -= lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``) in one in-place
-    op, where Keras' generic update runs about a dozen ops per variable and allocates
-    a temporary the size of the variable for most of them (on the paper's CIFAR model
-    this kept 0.18 GB less at peak). The kernel forms ``1 - beta`` from the float32
-    beta (1 - 0.9995f = 0.0005 * (1 - 7e-5)) where Keras uses the Python float, the
-    only difference. The slots (m, v) and the checkpoint layout are Keras' own.
-    """
-
-    def update_step(self, gradient, variable, learning_rate):
-        if self.amsgrad or not isinstance(variable, tf.Variable):
-            return super().update_step(gradient, variable, learning_rate)
-        index = self._get_variable_index(variable)
-        m, v = self._momentums[index].value, self._velocities[index].value
-        step = tf.cast(self.iterations + 1, variable.dtype)
-        beta_1 = tf.cast(self.beta_1, variable.dtype)
-        beta_2 = tf.cast(self.beta_2, variable.dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle,
-            m=m.handle,
-            v=v.handle,
-            beta1_power=tf.pow(beta_1, step),
-            beta2_power=tf.pow(beta_2, step),
-            lr=tf.cast(learning_rate, variable.dtype),
-            beta1=beta_1,
-            beta2=beta_2,
-            epsilon=tf.cast(self.epsilon, variable.dtype),
-            grad=tf.cast(gradient, variable.dtype),
-        )
-
-
 def _compile(fn, spec=None):
     """``fn`` as a tf.function: for one argument of ``spec``, or for the shapes it meets.
 
     No autograph: the model, the likelihood and the steps have no Python control flow
-    on tensors (the traced graph is the same), and converting them cost 0.4-1.4 s of
-    each trace of a tiny model's training step (3.5-4.5 s without it, 3.1 s with it).
+    on tensors (the traced graph is the same), and converting them only lengthens each
+    trace (benchmarks/README.md).
     """
     if spec is None:
         return tf.function(fn, reduce_retracing=True, autograph=False)
@@ -299,6 +91,7 @@ class Trainer:
     ):
         self.strategy = strategy
         self.ema_decay = ema_decay
+        self.seed = int(seed)
         with strategy.scope():
             self.model = model_fn(dtype=PRECISIONS[precision])
             self.ema = model_fn(dtype="float32")
@@ -306,21 +99,20 @@ class Trainer:
             # does): a bfloat16 model gets a float32 copy, refreshed before each use.
             self.raw = self.model if precision == "float32" else model_fn(dtype="float32")
             for model in {id(m): m for m in (self.model, self.ema, self.raw)}.values():
-                _build(model)
+                model.build_variables()
             draw_initial_weights(self.model, seed)
-            # The authors multiply the rate by learning_rate_decay every step (the seed
-            # decayed it per epoch by mistake).
+            # The authors multiply the rate by learning_rate_decay every step (the
+            # original TF2 code decayed it per epoch by mistake).
             schedule = keras.optimizers.schedules.ExponentialDecay(
                 learning_rate, decay_steps=1, decay_rate=learning_rate_decay
             )
-            self.optimizer = FusedAdam(schedule, beta_1=beta_1, beta_2=beta_2)
+            self.optimizer = keras.optimizers.Adam(schedule, beta_1=beta_1, beta_2=beta_2)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.step_in_epoch = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="step_in_epoch"
             )
         self.schedule = schedule
-        self.dims = float(np.prod(self.model.image_shape))
         self.num_bits = self.model.num_bits
         self.train_step = _compile(self._train_step)
         self.eval_steps = {w: _compile(self._eval_step_for(w)) for w in WEIGHTS}
@@ -351,7 +143,7 @@ class Trainer:
         """Data-dependent init on one batch, then EMA = weights (never on resume)."""
         with self.strategy.scope():
             self.model.initialize(images, labels)
-            broadcast_from_first_replica(self.strategy, self.model.trainable_variables)
+            distribute.broadcast_from_first_replica(self.strategy, self.model.trainable_variables)
             for e, w in zip(
                 self.ema.trainable_variables, self.model.trainable_variables, strict=True
             ):
@@ -364,8 +156,12 @@ class Trainer:
         # Mean over the images of the global batch, whatever its size (the last batch
         # of an epoch may be partial) and however it is split over replicas.
         global_n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local_n)
+        # Every dropout mask of this step is a function of (train.seed, step, replica):
+        # a resumed run draws the masks of the uninterrupted one.
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.step, tf.int64)])
+        seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
         with tf.GradientTape() as tape:
-            params = self.model(images, labels, training=True)
+            params = self.model(images, labels, training=True, dropout_seed=seed)
             nll = -likelihood.mixture_log_prob(images, params, self.num_bits, validate=False)
             loss = tf.reduce_sum(nll) / tf.maximum(global_n, 1.0)
         grads = tape.gradient(loss, self.model.trainable_variables)
@@ -407,10 +203,12 @@ class Trainer:
 
         return eval_step
 
-    def evaluate(self, dist_dataset, weights: str = "ema") -> float:
+    def evaluate(self, dist_dataset, weights: str = "ema", should_stop=None) -> float:
         """Mean test NLL per image (nats) over a whole dataset.
 
         weights: "ema" (the average) or "raw" (the training weights, in float32).
+        should_stop: a function checked before every batch; when it returns True the
+        evaluation is abandoned with ``SignalReceived``.
         """
         if weights == "raw" and self.raw is not self.model:
             with self.strategy.scope():
@@ -421,6 +219,8 @@ class Trainer:
         step = self.eval_steps[weights]
         total, count = 0.0, 0.0
         for batch in dist_dataset:
+            if should_stop is not None and should_stop():
+                raise SignalReceived("evaluation")
             s, n = step(batch)
             total += float(s)
             count += float(n)
@@ -429,7 +229,8 @@ class Trainer:
         return total / count
 
     def bits_per_dim(self, nll: float) -> float:
-        return nll / (self.dims * math.log(2.0))
+        """A mean NLL per image in nats -> bits per sub-pixel of this model's images."""
+        return float(likelihood.bits_per_dim(-nll, self.model.image_shape))
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -457,20 +258,18 @@ class _StopRequested:
         return False
 
 
+class SignalReceived(Exception):
+    """A SIGINT/SIGTERM arrived; raised where the loop can stop (between steps or
+    evaluation batches), caught by ``train``, which saves and exits."""
+
+
 class TrainingInterrupted(Exception):
     """Raised after a SIGINT/SIGTERM, once the checkpoint is saved."""
 
 
-def _write_config(run_dir: Path, model: PixelCNNPP, precision: str) -> None:
-    write_text_atomic(run_dir / "config.gin", gin.config_str())
-    write_text_atomic(run_dir / "operative_config.gin", gin.operative_config_str())
-    summary = model.config_summary() | {"precision": precision}
-    write_text_atomic(run_dir / "model.json", json.dumps(summary, indent=2) + "\n")
-
-
-@gin.configurable(denylist=["log_dir", "strategy"])
+@gin.configurable(denylist=["run_dir", "strategy"])
 def train(
-    log_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
     strategy: tf.distribute.Strategy,
     dataset_fn=gin.REQUIRED,
     batch_size: int = 16,
@@ -483,7 +282,7 @@ def train(
     max_steps: int | None = None,
     max_minutes: float | None = None,
     chkpt_to_keep: int = 5,
-    checkpoint_every_minutes: float = 30.0,
+    checkpoint_every_minutes: float = 10.0,
     eval_every_steps: int | None = None,
     images_to_log: int = 16,
     log_images_every: int = 1,
@@ -495,7 +294,7 @@ def train(
     """Trains a PixelCNNPP (built from the gin bindings of PixelCNNPP) and returns metrics.
 
     Args:
-      log_dir: the run directory; an existing one with checkpoints resumes.
+      run_dir: the run directory; an existing one with checkpoints resumes.
       strategy: from make_strategy.
       dataset_fn: fn(batch_size) -> (train, test) tf.data datasets; see pixelcnn.data.
         The images' (H, W, C) decide the model's image_shape unless
@@ -522,24 +321,14 @@ def train(
       "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}
     """
     start = time.monotonic()
-    if dataset_fn is gin.REQUIRED or dataset_fn is None:
-        raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(
-            f"train.batch_size={batch_size} must be divisible by the "
-            f"{strategy.num_replicas_in_sync} replicas"
-        )
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
+    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes)
     keras.utils.set_random_seed(seed)
-    log_dir = Path(log_dir)
-    chief = is_chief(strategy)
-    log_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    chief = distribute.is_chief(strategy)
+    run_dir.mkdir(parents=True, exist_ok=True)
 
     train_ds, test_ds = dataset_fn(batch_size)
-    first = data.first_batch(train_ds, "train")
+    first = contract.first_batch(train_ds, "train")
     image_shape = _image_shape(first)
     model_fn = functools.partial(PixelCNNPP, image_shape=image_shape)
     trainer = Trainer(
@@ -555,51 +344,80 @@ def train(
     )
     model = trainer.model
     # Validate the data before any work: one clear error instead of a wasted run.
-    data.check_batch(first, model.image_shape, model.num_bits, model.num_classes, "train")
-    data.check_batch(test_ds, model.image_shape, model.num_bits, model.num_classes, "test")
+    contract.check_batch(first, model.image_shape, model.num_bits, model.num_classes, "train")
+    contract.check_batch(test_ds, model.image_shape, model.num_bits, model.num_classes, "test")
     train_ds, test_ds = _prepare(train_ds, model.num_bits), _prepare(test_ds, model.num_bits)
     if chief:
-        _write_config(log_dir, model, precision)
+        rundir.write_config(run_dir, model, precision)
 
-    checkpoints = _Checkpoints(trainer, log_dir, strategy, chkpt_to_keep, checkpoint_every_minutes)
+    checkpoints = _Checkpoints(trainer, run_dir, strategy, chkpt_to_keep, checkpoint_every_minutes)
     if not checkpoints.restore():
-        init = _as_dict(data.to_model_input(first, model.num_bits))
+        init = _as_dict(contract.to_model_input(first, model.num_bits))
         trainer.initialize(
             init["images"][:init_batch_size],
             init["labels"][:init_batch_size] if "labels" in init else None,
         )
-    summaries = _Summaries(log_dir, chief)
-    run = _Run(trainer, test_ds, summaries, checkpoints, log_dir, start, batch_size)
+    summaries = _Summaries(run_dir, chief)
+    run = _Run(trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size)
     deadline = _Deadline(start, max_minutes, test_ds)
 
     stopped = None
     with _StopRequested() as stop:
-        while stopped is None and _value(trainer.epoch) < max_epoch:
-            if max_steps is not None and _value(trainer.step) >= max_steps:
-                break
-            stopped = _train_epoch(
-                run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, stop, progress
-            )
-            if stopped is None:
-                trainer.epoch.assign_add(1)
-                trainer.step_in_epoch.assign(0)
-            if stopped != "max_minutes":  # a budget stop evaluates once, below
+        run.stop = stop
+        try:
+            while stopped is None and _value(trainer.epoch) < max_epoch:
+                if max_steps is not None and _value(trainer.step) >= max_steps:
+                    break
+                stopped = _train_epoch(
+                    run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, progress
+                )
+                if stopped == "max_minutes":  # only the final evaluation and save are left
+                    break
+                if stopped is None:
+                    trainer.epoch.assign_add(1)
+                    trainer.step_in_epoch.assign(0)
                 run.evaluate()
-            if stopped is None and _value(trainer.epoch) % log_images_every == 0 and chief:
-                run.log_samples(images_to_log, seed)
-            checkpoints.save(f"epoch {_value(trainer.epoch)}")
-    if stopped == "max_minutes" or not run.evaluations:
-        run.evaluate()
+                if stopped is None and _value(trainer.epoch) % log_images_every == 0 and chief:
+                    run.log_samples(images_to_log, seed)  # one call: not interruptible
+                checkpoints.save(f"epoch {_value(trainer.epoch)}")
+                if stop.signal is not None:  # arrived while sampling or saving
+                    raise SignalReceived("the end of an epoch")
+            if not run.evaluations or run.evaluations[-1]["step"] != _value(trainer.step):
+                run.evaluate()
+        except SignalReceived as during:
+            step = _value(trainer.step)
+            if checkpoints.saved_step != step:
+                print(checkpoints.save(f"signal {stop.signal} during {during} at step {step}"))
+            raise TrainingInterrupted(
+                f"stopped by signal {stop.signal} at step {step} (checkpoint saved); rerun "
+                "the same command with the same --log-dir to resume"
+            ) from None
+    # A budget stop draws no final grid: its time is not in the estimate.
     if not run.samples and chief and stopped != "max_minutes":
         run.log_samples(images_to_log, seed)
-    checkpoints.save("end")
+    if checkpoints.saved_step != _value(trainer.step):
+        checkpoints.save("end")
     summaries.flush()
     result = run.result() | {"stopped": stopped or "finished"}
     if stopped == "max_minutes":
         print(f"stopped at step {result['step']} to fit train.max_minutes = {max_minutes}")
     if chief:
-        write_text_atomic(log_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+        rundir.write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes) -> None:
+    if dataset_fn is gin.REQUIRED or dataset_fn is None:
+        raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if batch_size % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"train.batch_size={batch_size} must be divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas"
+        )
+    if max_minutes is not None and not max_minutes > 0:
+        raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
 
 
 def _image_shape(batch) -> tuple[int, int, int]:
@@ -610,13 +428,13 @@ def _image_shape(batch) -> tuple[int, int, int]:
         bound = None
     if bound is not None:
         return tuple(bound)
-    return data.infer_image_shape(batch)
+    return contract.infer_image_shape(batch)
 
 
 def _prepare(ds: tf.data.Dataset, num_bits: int) -> tf.data.Dataset:
     """Any accepted element format -> {"images": float [B, H, W, C], "labels"?}."""
     return ds.map(
-        lambda *e: _as_dict(data.to_model_input(e[0] if len(e) == 1 else e, num_bits)),
+        lambda *e: _as_dict(contract.to_model_input(e[0] if len(e) == 1 else e, num_bits)),
         num_parallel_calls=tf.data.AUTOTUNE,
     ).prefetch(tf.data.AUTOTUNE)
 
@@ -627,11 +445,13 @@ class _Checkpoints:
     Non-chief workers of a multi-worker run write to a scratch directory they delete.
     """
 
-    def __init__(self, trainer, log_dir: Path, strategy, keep: int, every_minutes: float):
+    def __init__(self, trainer, run_dir: Path, strategy, keep: int, every_minutes: float):
         self.trainer = trainer
-        self.chief = is_chief(strategy)
+        self.chief = distribute.is_chief(strategy)
         self.directory = (
-            log_dir / "checkpoints" if self.chief else log_dir / f"tmp_worker_{_task_id(strategy)}"
+            run_dir / "checkpoints"
+            if self.chief
+            else run_dir / f"tmp_worker_{distribute.task_id(strategy)}"
         )
         self.checkpoint = tf.train.Checkpoint(
             model=trainer.model,
@@ -646,36 +466,46 @@ class _Checkpoints:
         self.every_seconds = 60.0 * every_minutes
         self.last = time.monotonic()
         self.seconds = None  # how long the last save took
+        self.saved_step = None  # the step of the last save
 
     def restore(self) -> bool:
-        """Restores the latest checkpoint; False when there is none (a new run)."""
-        path = self.manager.latest_checkpoint
-        if not path:
+        """Restores the newest checkpoint that reads back whole, damaged ones reported
+        and skipped; False when the run has none (a new run). Every worker reads the
+        chief's directory, so all resume from the same checkpoint."""
+        candidates = rundir.checkpoint_candidates(self.directory.parent)
+        if not candidates:
             return False
-        self.checkpoint.restore(path).assert_existing_objects_matched()
+        path = rundir.restore_newest_good(self.checkpoint, candidates, partial=False)
         print(f"resumed from {path} at step {_value(self.trainer.step)}")
         return True
 
     def save(self, reason: str) -> str:
         began = time.monotonic()
         path = self.manager.save(checkpoint_number=self.trainer.step)
-        if not self.chief:
+        if self.chief:
+            rundir.write_checksums(path)
+            rundir.remove_stale_checksums(self.directory)
+        else:
             shutil.rmtree(self.directory, ignore_errors=True)
         self.last = time.monotonic()
         self.seconds = self.last - began
+        self.saved_step = _value(self.trainer.step)
         return f"{reason}: saved {path}"
 
-    def save_if_due(self) -> None:
+    def save_if_due(self) -> bool:
+        """Saves when train.checkpoint_every_minutes have passed since the last save."""
         if time.monotonic() - self.last > self.every_seconds:
             self.save("timer")
+            return True
+        return False
 
 
 class _Summaries:
     """TensorBoard writers: train/, eval/ (EMA weights) and eval_raw/ (raw weights)."""
 
-    def __init__(self, log_dir: Path, chief: bool):
+    def __init__(self, run_dir: Path, chief: bool):
         names = ("train", *(_eval_run_name(w) for w in WEIGHTS))
-        make = (lambda k: tf.summary.create_file_writer(str(log_dir / k))) if chief else None
+        make = (lambda k: tf.summary.create_file_writer(str(run_dir / k))) if chief else None
         self.writers = {k: make(k) if chief else tf.summary.create_noop_writer() for k in names}
         with self.writers["train"].as_default():
             tf.summary.text("operative_config", _markdown(gin.operative_config_str()), step=0)
@@ -701,15 +531,16 @@ def _eval_run_name(weights: str) -> str:
 class _Run:
     """What one invocation of train() measured: evaluations, samples, the train loss."""
 
-    def __init__(self, trainer, test_ds, summaries, checkpoints, log_dir, start, batch_size):
+    def __init__(self, trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size):
         self.trainer, self.test_ds = trainer, test_ds
         self.summaries, self.checkpoints = summaries, checkpoints
-        self.log_dir, self.start = log_dir, start
+        self.run_dir, self.start = run_dir, start
         # steps before a resume are counted as full batches
         self.images = _value(trainer.step) * batch_size
         self.train_bits_per_dim = None
         self.evaluations, self.samples = [], []
         self.eval_seconds = None  # how long the last evaluation took
+        self.stop = None  # the _StopRequested of the loop
 
     def evaluate(self) -> dict:
         """Test bits/dim with the EMA and the raw weights; console, TensorBoard, result."""
@@ -718,8 +549,12 @@ class _Run:
         dist_test = trainer.strategy.experimental_distribute_dataset(self.test_ds)
         trainer.trace_for(eval_spec=dist_test.element_spec)
         entry = {"step": step, "epoch": _value(trainer.epoch), "images": self.images}
+
+        def should_stop():
+            return self.stop is not None and self.stop.signal is not None
+
         for weights in WEIGHTS:
-            nll = trainer.evaluate(dist_test, weights)
+            nll = trainer.evaluate(dist_test, weights, should_stop)
             bpd = trainer.bits_per_dim(nll)
             self.summaries.scalars(_eval_run_name(weights), step, nll=nll, bits_per_dim=bpd)
             entry[f"test_bits_per_dim_{weights}"] = bpd
@@ -737,7 +572,7 @@ class _Run:
     def log_samples(self, count: int, seed: int) -> None:
         if count:
             step = _value(self.trainer.step)
-            path, grid = log_samples(self.trainer.ema, self.log_dir, count, seed, step)
+            path, grid = log_samples(self.trainer.ema, self.run_dir, count, seed, step)
             self.summaries.image("samples", grid, step)
             self.samples.append(str(path))
 
@@ -772,7 +607,9 @@ class _Deadline:
             self.first_step = step_seconds
             return time.monotonic() + 2 * step_seconds < self.end
         if run.eval_seconds is not None:
-            finish = run.eval_seconds
+            # A final evaluation was measured up to 1.5x slower than the one before it
+            # (benchmarks/README.md, "Time to quality").
+            finish = 1.5 * run.eval_seconds
         elif self.test_batches is not None:
             # the two eval steps' traces (forward only: together about one training
             # step's trace), then both weights over the test set, each batch taken to
@@ -786,11 +623,11 @@ class _Deadline:
 
 
 def _train_epoch(
-    run: _Run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, stop, progress
+    run: _Run, train_ds, max_epoch, max_steps, eval_every_steps, deadline, progress
 ) -> str | None:
     """Trains to the end of the epoch; returns why it stopped earlier, or None.
 
-    "max_steps" or "max_minutes"; a signal saves and raises TrainingInterrupted.
+    "max_steps" or "max_minutes"; a signal raises SignalReceived after the step.
     """
     trainer = run.trainer
     # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset order
@@ -833,14 +670,10 @@ def _train_epoch(
             if eval_every_steps and step % eval_every_steps == 0:
                 run.evaluate()
                 tick = time.monotonic()
-            if stop.signal is not None:
-                bar.close()
-                print(run.checkpoints.save(f"signal {stop.signal} at step {step}"))
-                raise TrainingInterrupted(
-                    f"stopped by signal {stop.signal} at step {step}; rerun with the same "
-                    "--log-dir to resume"
-                )
-            run.checkpoints.save_if_due()
+            if run.stop.signal is not None:
+                raise SignalReceived("training")
+            if run.checkpoints.save_if_due():
+                tick = time.monotonic()
             if max_steps is not None and step >= max_steps:
                 return "max_steps"
             if not deadline.leaves_time(run, seconds):
@@ -855,11 +688,6 @@ def _value(variable) -> int:
     return int(tf.convert_to_tensor(variable).numpy())
 
 
-def _task_id(strategy) -> int:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
-
-
 def _as_dict(pair) -> dict:
     images, labels = pair
     return {"images": images} if labels is None else {"images": images, "labels": labels}
@@ -869,54 +697,14 @@ def _markdown(text: str) -> str:
     return "\n".join("    " + line for line in text.splitlines())
 
 
-def log_samples(model, log_dir: Path, count: int, seed: int, step: int) -> tuple[Path, np.ndarray]:
+def log_samples(model, run_dir: Path, count: int, seed: int, step: int) -> tuple[Path, np.ndarray]:
     """Draws ``count`` samples with the (EMA) model; writes and returns a PNG grid."""
 
     labels = None
     if model.num_classes:
         labels = tf.range(count) % model.num_classes
-    images = sampling.sample_fast(model, count, labels=labels, seed=(seed, step))
-    grid = make_grid(images.numpy(), model.num_bits)
-    path = log_dir / "samples" / f"step_{step:08d}.png"
+    drawn = sampling.sample_fast(model, count, labels=labels, seed=(seed, step))
+    grid = make_grid(drawn.numpy(), model.num_bits)
+    path = run_dir / "samples" / f"step_{step:08d}.png"
     save_png(grid, path)
     return path, grid
-
-
-GRID_MIN_SIZE = 448  # pixels on a grid's long side: an image viewer shows it at full size
-
-
-def make_grid(
-    images: np.ndarray,
-    num_bits: int,
-    columns: int | None = None,
-    pad: int = 1,
-    min_size: int = GRID_MIN_SIZE,
-) -> np.ndarray:
-    """int [N, H, W, C] in [0, 2**b) -> uint8 [S*(rows*(H+pad)+pad), S*(cols*(W+pad)+pad),
-    1 or 3] grid, grey borders between the images, enlarged by the smallest integer
-    nearest-neighbour factor S that gives at least ``min_size`` pixels on the long side
-    (the exact integers belong in an .npz beside it)."""
-    n, h, w, c = images.shape
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    scaled = np.round(images.astype(np.float64) * 255.0 / (2**num_bits - 1)).astype(np.uint8)
-    if c not in (1, 3):  # show the first channel of other channel counts
-        scaled = scaled[..., :1]
-    grid = np.full(
-        (rows * (h + pad) + pad, columns * (w + pad) + pad, scaled.shape[-1]), 128, np.uint8
-    )
-    for k in range(n):
-        r, col = divmod(k, columns)
-        top, left = pad + r * (h + pad), pad + col * (w + pad)
-        grid[top : top + h, left : left + w] = scaled[k]
-    factor = max(1, math.ceil(min_size / max(grid.shape[:2])))
-    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
-
-
-def save_png(grid: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
-    os.replace(tmp, path)

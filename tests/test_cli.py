@@ -109,6 +109,48 @@ def test_complete_keeps_the_known_rows(run_dir, tmp_path):
     assert blob["mask"][:20].all() and not blob["mask"][20:].any()
 
 
+def bad_npz(path, kind):
+    if kind == "no images key":
+        np.savez(path, pixels=np.zeros((2, 28, 28, 1), np.uint8))
+    elif kind == "float images":
+        np.savez(path, images=np.zeros((2, 28, 28, 1), np.float32))
+    else:  # not an .npz at all
+        path.write_bytes(b"this is not a NumPy file")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind,message",
+    [
+        ("no images key", "no key 'images'"),
+        ("float images", "integer levels"),
+        ("not npz", "is not an .npz file"),
+    ],
+)
+def test_evaluate_bad_npz_is_one_clear_message(run_dir, tmp_path, kind, message):
+    path = bad_npz(tmp_path / "x.npz", kind)
+    result = CliRunner().invoke(
+        cli.main, ["--log-dir", str(run_dir), "evaluate", "--npz", str(path)]
+    )
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_complete_names_the_missing_dataset_module(run_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = copy / "config.gin"
+    config.write_text("import my_missing_data_module\n" + config.read_text())
+    result = CliRunner().invoke(cli.main, ["--log-dir", str(copy), "complete", "--num", "1"])
+    gin.clear_config()
+    assert result.exit_code == 1, result.output
+    assert "my_missing_data_module" in result.output and "importable" in result.output
+    assert "--npz" in result.output and "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("command", ["sample", "evaluate", "complete"])
 def test_missing_run_dir_and_checkpoint_are_clear_errors(tmp_path, command):
     result = CliRunner().invoke(cli.main, ["--log-dir", str(tmp_path / "nope"), command])

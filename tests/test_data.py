@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pixelcnn import data
-from pixelcnn.data import check_batch, infer_image_shape, to_model_input
+from pixelcnn import contract, data
+from pixelcnn.contract import check_batch, infer_image_shape, to_model_input
 
 
 def grid(levels, num_bits=8):
@@ -123,7 +123,7 @@ def test_dicts(levels, labels, keys):
 
 def test_as_model_input(levels, labels):
     ds = tf.data.Dataset.from_tensor_slices({"image": levels, "label": labels}).batch(2)
-    images, lab = next(iter(data.as_model_input(ds, 8)))
+    images, lab = next(iter(contract.as_model_input(ds, 8)))
     np.testing.assert_allclose(images.numpy(), grid(levels[:2]), atol=1e-6)
     np.testing.assert_array_equal(lab.numpy(), labels[:2])
 

@@ -108,11 +108,12 @@ def test_data_dependent_init_statistics(rng, monkeypatch):
     x = grid_batch(rng, 16, shape)
     model.initialize(x)
 
-    # Every conv output leaves through `call` or, in the gated resnets, `on`.
+    # Every conv output leaves through `call` or, in the gated resnets,
+    # `conv_of_activation`.
     recorded = []
     for cls, method in (
         (layers.WeightNormConv2D, "call"),
-        (layers.WeightNormConv2D, "on"),
+        (layers.WeightNormConv2D, "conv_of_activation"),
         (layers.WeightNormConv2DTranspose, "call"),
     ):
         original = getattr(cls, method)
@@ -166,6 +167,23 @@ def test_conditional_output_depends_on_label(rng):
         model(x)
 
 
+def test_dropout_masks_are_a_function_of_the_seed(rng):
+    shape = (5, 4, 1)
+    model = tiny(shape, dropout_rate=0.5)
+    x = grid_batch(rng, 2, shape)
+    model.initialize(x)
+
+    def out(seed):
+        return model(x, training=True, dropout_seed=tf.constant(seed, tf.int64)).numpy()
+
+    np.testing.assert_array_equal(out([1, 2]), out([1, 2]))
+    assert np.abs(out([1, 2]) - out([1, 3])).max() > 0
+    indices = [
+        r.dropout.index for r in model._flatten_layers() if isinstance(r, layers.GatedResnet)
+    ]
+    assert sorted(indices) == list(range(len(indices)))  # each layer draws its own masks
+
+
 def test_dropout_only_in_training(rng):
     shape = (4, 4, 1)
     model = tiny(shape, dropout_rate=0.5)
@@ -175,127 +193,6 @@ def test_dropout_only_in_training(rng):
     assert np.abs(model(x, training=True).numpy() - model(x).numpy()).max() > 0
 
 
-@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
-def test_dropout_mask_rate_and_scale(rate):
-    keep, scale = layers.dropout_keep_mask(tf.constant([64, 32, 32, 16]), rate, tf.constant([3, 4]))
-    frac = np.mean(keep.numpy())
-    n = keep.shape.num_elements()
-    # The kept fraction is Binomial(n, 1 - rate) / n: 5 standard deviations.
-    assert abs(frac - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / n)
-    assert abs(scale - 1 / (1 - rate)) < 1e-4 / (1 - rate) ** 2
-    again, _ = layers.dropout_keep_mask(tf.constant([64, 32, 32, 16]), rate, tf.constant([3, 4]))
-    np.testing.assert_array_equal(keep.numpy(), again.numpy())
-
-
-def plain_concat_elu(x):
-    """The formula, differentiated by autodiff (the layers' versions have own gradients)."""
-    return tf.nn.elu(tf.concat([x, -x], axis=-1))
-
-
-@pytest.mark.parametrize("dtype", [tf.float64, tf.bfloat16])
-def test_concat_elu_and_its_dropout_match_autodiff(rng, dtype):
-    """Against autodiff of the plain formula in float64, on the same (rounded) inputs."""
-    x = tf.constant(rng.normal(0, 2, (3, 4, 5, 6)), dtype)
-    x = tf.tensor_scatter_nd_update(x, [[0, 0, 0, 0]], tf.zeros([1], dtype))  # an exact zero
-    keep, _ = layers.dropout_keep_mask(tf.constant([3, 4, 5, 12]), 0.3, tf.constant([1, 2]))
-    dy = tf.constant(rng.normal(size=(3, 4, 5, 12)), dtype)
-    x64, dy64 = tf.cast(x, tf.float64), tf.cast(dy, tf.float64)
-    pairs = {
-        "concat_elu": (layers.concat_elu, plain_concat_elu),
-        "dropout": (
-            lambda x: layers.concat_elu_dropout(x, keep),
-            lambda x: tf.where(keep, plain_concat_elu(x), tf.zeros([], x.dtype)),
-        ),
-    }
-    # bfloat16: one rounding of the values (2**-8 relative), a few of the gradients
-    tol = 1e-12 if dtype == tf.float64 else 2e-2
-    for name, (fused_fn, plain_fn) in pairs.items():
-        with tf.GradientTape(persistent=True) as tape:
-            tape.watch([x, x64])
-            fused, plain = fused_fn(x), plain_fn(x64)
-            fused_sum, plain_sum = tf.reduce_sum(fused * dy), tf.reduce_sum(plain * dy64)
-        np.testing.assert_allclose(
-            tf.cast(fused, tf.float64), plain, rtol=min(tol, 2**-8 + 1e-4), err_msg=name
-        )
-        np.testing.assert_allclose(
-            tf.cast(tape.gradient(fused_sum, x), tf.float64),
-            tape.gradient(plain_sum, x64),
-            rtol=tol,
-            atol=tol,
-            err_msg=name,
-        )
-
-
-def test_bfloat16_concat_elu_is_one_rounding_of_the_exact_value(rng):
-    """Small negative inputs too, where exp(z) - 1 computed in bfloat16 cancels."""
-    x = tf.constant(rng.normal(0, 0.05, (4, 8, 8, 16)), tf.bfloat16)
-    exact = plain_concat_elu(tf.cast(x, tf.float64))
-    got = tf.cast(layers.concat_elu(x), tf.float64)
-    # where |z| >= 1e-3 the float32 Elu is exact to 1e-4 relative; rounding to
-    # bfloat16 (8 significant bits) adds at most 2**-8 relative
-    big = tf.abs(exact) >= 1e-3
-    relative = tf.boolean_mask(tf.abs(got - exact) / tf.abs(exact), big)
-    assert float(tf.reduce_max(relative)) <= 2**-8 + 1e-4
-    assert float(tf.reduce_mean(relative)) < 2e-3
-
-
-def test_dropout_layer_scales_the_kept_units(rng):
-    layer = layers.ConcatEluDropout(0.5)
-    x = tf.constant(rng.normal(size=(2, 3, 4, 8)), tf.float32)
-    y = layer(x, training=True).numpy()
-    expected = plain_concat_elu(x).numpy() * 2.0  # 1 / P(keep) = 2 at rate 1/2
-    kept = y != 0
-    assert 0.3 < kept.mean() < 0.7
-    np.testing.assert_allclose(y[kept], expected[kept], rtol=1e-6)
-    np.testing.assert_array_equal(layer(x).numpy(), plain_concat_elu(x).numpy())
-
-
-@pytest.mark.parametrize("recompute", [True, False])
-def test_conv_on_folds_the_scale_into_the_kernel(rng, recompute):
-    conv = layers.WeightNormConv2D(5, (2, 3), "down")
-    x = tf.constant(rng.normal(size=(2, 4, 6, 3)), tf.float32)
-    conv(plain_concat_elu(x), init=True)
-    dy = tf.constant(rng.normal(size=(2, 4, 6, 5)), tf.float32)
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch(x)
-        folded = conv.on(layers.concat_elu, x, scale=2.5, recompute=recompute)
-        direct = conv(2.5 * plain_concat_elu(x))
-        folded_sum, direct_sum = tf.reduce_sum(folded * dy), tf.reduce_sum(direct * dy)
-    np.testing.assert_allclose(folded.numpy(), direct.numpy(), rtol=1e-5, atol=1e-5)
-    for a, b in zip(
-        tape.gradient(folded_sum, [x, *conv.trainable_variables]),
-        tape.gradient(direct_sum, [x, *conv.trainable_variables]),
-        strict=True,
-    ):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("recompute", [True, False])
-def test_conv_on_parts_equals_conv_on_their_concatenation(rng, recompute):
-    nin = layers.WeightNormConv2D(4)
-    u = tf.constant(rng.normal(size=(2, 3, 5, 3)), tf.float32)
-    s = tf.constant(rng.normal(size=(2, 3, 5, 2)), tf.float32)
-    nin(plain_concat_elu(tf.concat([u, s], -1)), init=True)
-    dy = tf.constant(rng.normal(size=(2, 3, 5, 4)), tf.float32)
-    shared = layers.SharedConcatElu()
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([u, s])
-        # the parts' concat_elu comes from the shared cache, as in the network
-        fx = (shared(u), shared(s))
-        parts = nin.on(layers.concat_elu, (u, s), recompute=recompute, fx=fx)
-        whole = nin(plain_concat_elu(tf.concat([u, s], -1)))
-        parts_sum, whole_sum = tf.reduce_sum(parts * dy), tf.reduce_sum(whole * dy)
-    assert shared(u) is fx[0]  # computed once
-    np.testing.assert_allclose(parts.numpy(), whole.numpy(), rtol=1e-5, atol=1e-5)
-    sources = [u, s, *nin.trainable_variables]
-    for a, b in zip(
-        tape.gradient(parts_sum, sources), tape.gradient(whole_sum, sources), strict=True
-    ):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="1x1"):
-        layers.WeightNormConv2D(4, (2, 3), "down").on(layers.concat_elu, (u, s))
-
-
 def test_recomputed_activations_give_the_same_gradients(rng):
     shape = (6, 5, 2)
     model = tiny(shape, dropout_rate=0.3, num_classes=3)
@@ -303,19 +200,20 @@ def test_recomputed_activations_give_the_same_gradients(rng):
     labels = tf.constant([0, 2, 1])
     model.initialize(x, labels)
     resnets = [layer for layer in model._flatten_layers() if isinstance(layer, layers.GatedResnet)]
-    seeds = [r.dropout.seed_generator.state.numpy() for r in resnets]
+    seed = tf.constant([5, 7], tf.int64)  # the same dropout masks in both passes
 
     def gradients(recompute):
-        for r, seed in zip(resnets, seeds, strict=True):
+        for r in resnets:
             r.recompute = recompute
-            r.dropout.seed_generator.state.assign(seed)  # the same dropout masks
 
         @tf.function  # graph mode: where graph optimisation could undo the recompute
         def grads():
             with tf.GradientTape() as tape:
                 tape.watch(x)
                 loss = -tf.reduce_sum(
-                    likelihood.mixture_log_prob(x, model(x, labels, training=True))
+                    likelihood.mixture_log_prob(
+                        x, model(x, labels, training=True, dropout_seed=seed)
+                    )
                 )
             return tape.gradient(loss, [x, *model.trainable_variables])
 
@@ -356,9 +254,29 @@ def test_bad_construction_is_a_clear_error(kwargs, message):
 
 def test_log_prob_input_errors(rng):
     model = tiny((4, 4, 1))
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(ValueError, match="integer levels"):
         model.log_prob(tf.zeros([1, 4, 4, 1]))
     with pytest.raises(ValueError, match=r"\[0, 256\)"):
         model.log_prob(tf.fill([1, 4, 4, 1], 256))
     with pytest.raises(ValueError, match="shape"):
         model.log_prob(tf.zeros([1, 4, 5, 1], tf.int32))
+
+
+# ----------------------------------------------------------------- saving
+def test_keras_native_saving_round_trips(tmp_path, rng):
+    """model.save("m.keras") and keras.saving.load_model give the same network, weights
+    and outputs (the pixelcnn package must be importable: its classes are registered)."""
+    import keras
+
+    shape = (5, 4, 2)
+    model = tiny(shape, num_classes=3, dropout_rate=0.2, num_bits=5)
+    x = grid_batch(rng, 2, shape, bits=5)
+    labels = tf.constant([0, 2])
+    model.initialize(x, labels)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    assert isinstance(loaded, PixelCNNPP) and loaded.config == model.config
+    assert len(loaded.trainable_variables) == len(model.trainable_variables)
+    for a, b in zip(model.trainable_variables, loaded.trainable_variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(loaded(x, labels).numpy(), model(x, labels).numpy())

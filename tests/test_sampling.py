@@ -34,9 +34,8 @@ def make_model(image_shape, blocks, layers, num_classes=None, dtype="float64", s
     except with probability ~1e-8. The class-conditional config and
     ``test_first_pixel_distribution_matches_the_model`` keep the default float32.
 
-    ``PixelCNNPP.initialize`` fails for dtype="float64" (``_initialise`` in layers.py
-    casts the input to float32 against float64 weights), so a float32 twin is initialised
-    and its weights are copied.
+    The float64 model gets the weights of its float32 twin (initialised in float32 and
+    copied), so both dtypes of a config hold the same network.
     """
     config = dict(
         image_shape=image_shape,

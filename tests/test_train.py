@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pixelcnn import rundir
 from pixelcnn import train as training
+from pixelcnn.images import make_grid
 from pixelcnn.model import PixelCNNPP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,30 +84,6 @@ def initial_weights():
     images = make_batches()
     model.initialize(tf.constant(images[:8], tf.float32) * (2 / 255) - 1)
     return [w.numpy() for w in model.trainable_variables]
-
-
-def test_fused_adam_matches_keras_adam(rng):
-    import keras
-
-    shapes = [(2, 3, 4, 5), (5,)]
-    start = [rng.normal(size=s).astype(np.float32) for s in shapes]
-    grads = [[tf.constant(rng.normal(size=s), tf.float32) for s in shapes] for _ in range(6)]
-    results = []
-    for cls in (keras.optimizers.Adam, training.FusedAdam):
-        variables = [tf.Variable(v) for v in start]
-        schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, 1, 0.9)
-        optimizer = cls(schedule, beta_1=0.95, beta_2=0.9995)
-        optimizer.build(variables)
-        step = tf.function(lambda g, o=optimizer, v=variables: o.apply_gradients(zip(g, v)))
-        for g in grads:
-            step(g)
-        moved = [v.numpy() - s for v, s in zip(variables, start, strict=True)]
-        results.append(moved + [v.numpy() for v in optimizer.variables[1:]])
-    # The kernel forms 1 - beta_2 from float32 beta_2 (1 - 0.9995f is 0.0005 * (1 -
-    # 7e-5)), Keras from the Python float: updates agree to that relative precision.
-    for keras_value, fused_value in zip(*results, strict=True):
-        np.testing.assert_allclose(fused_value, keras_value, rtol=2e-4, atol=1e-9)
-    assert np.abs(results[1][0]).max() > 1e-2  # the variables did move
 
 
 def test_mirrored_matches_one_device_and_partial_batches_are_means():
@@ -243,7 +221,7 @@ def array_dataset_fn(images):
 
 def test_resume_continues_the_same_curve(tmp_path, clean_gin):
     images = make_batches(n_batches=4)
-    bind_tiny()
+    bind_tiny(["PixelCNNPP.dropout_rate = 0.3"])  # the masks must continue too
     fn = array_dataset_fn(images)
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     straight = training.train(
@@ -256,10 +234,11 @@ def test_resume_continues_the_same_curve(tmp_path, clean_gin):
         tmp_path / "b", one, dataset_fn=fn, batch_size=8, max_steps=4, max_epoch=1, progress=False
     )
     assert straight["step"] == resumed["step"] == 4
-    a, _ = training.load_for_inference(tmp_path / "a")
-    b, _ = training.load_for_inference(tmp_path / "b")
+    a, _ = rundir.load_for_inference(tmp_path / "a")
+    b, _ = rundir.load_for_inference(tmp_path / "b")
     # Same data order (skip to the stopped step), same restored optimizer and EMA state,
-    # same deterministic CPU kernels: bit-exact.
+    # the same dropout masks (a function of seed, step and replica), same deterministic
+    # CPU kernels: bit-exact.
     for x, y in zip(a.trainable_variables, b.trainable_variables, strict=True):
         np.testing.assert_array_equal(x.numpy(), y.numpy())
     assert straight["test_bits_per_dim"] == resumed["test_bits_per_dim"]
@@ -313,9 +292,9 @@ def test_ema_decay_warms_up_as_tensorflow_num_updates_rule():
 
 
 def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
-    """300 steps with the default decay (0.9995): the average covers the steps taken, so
-    the EMA weights score no worse than the raw ones (without the warm-up they kept 86%
-    of the initial weights and scored more than a bit per dim worse)."""
+    """284 steps with the default decay (0.9995): the average covers the steps taken, so
+    the EMA weights score no worse than the raw ones (without the warm-up they keep 87%
+    of the initial weights and scored 4.44 against 3.45 bits/dim)."""
     images = digits_8x8(4800)
     gin.parse_config(
         [
@@ -334,23 +313,17 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
 
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     result = training.train(
-        tmp_path,
-        one,
-        dataset_fn=fn,
-        batch_size=16,
-        learning_rate=3e-3,
-        progress=False,
-        max_epoch=2,
-        max_steps=300,
-    )
-    assert result["step"] == 300
+        tmp_path, one, dataset_fn=fn, batch_size=16, learning_rate=3e-3, progress=False,
+        max_epoch=1,
+    )  # fmt: skip
+    assert result["step"] == 284  # one epoch of 4,544 images
     ema, raw = result["test_bits_per_dim"], result["test_bits_per_dim_raw"]
     assert raw < 4.0  # it learned something
     assert ema <= raw + 0.02, (ema, raw)
     evaluation = result["evaluations"][-1]
-    assert evaluation["test_bits_per_dim_ema"] == ema and evaluation["step"] == 300
+    assert evaluation["test_bits_per_dim_ema"] == ema and evaluation["step"] == 284
     # raw means the training weights, as `evaluate --raw-weights` scores them
-    model, _ = training.load_for_inference(tmp_path, use_ema=False)
+    model, _ = rundir.load_for_inference(tmp_path, use_ema=False)
     x = tf.constant(images[:256], tf.int32)
     bpd = float(tf.reduce_mean(pixelcnn_bits_per_dim(model.log_prob(x), model.image_shape)))
     assert bpd == pytest.approx(raw, rel=1e-5)
@@ -389,14 +362,14 @@ def test_max_minutes_stops_in_time_with_a_final_evaluation_and_checkpoint(tmp_pa
 
 def test_sample_grids_are_enlarged_with_borders():
     images = np.arange(4 * 28 * 28).reshape(4, 28, 28, 1) % 256
-    grid = training.make_grid(images, 8)
+    grid = make_grid(images, 8)
     # 2x2 images of 28 + 1-pixel borders = 59 pixels, enlarged 8x to 472 >= 448
     assert grid.shape == (472, 472, 1)
     small = grid[::8, ::8]
     np.testing.assert_array_equal(np.repeat(np.repeat(small, 8, 0), 8, 1), grid)
     np.testing.assert_array_equal(small[1:29, 30:58, 0], images[1, ..., 0])
     assert (small[0] == 128).all() and (small[:, 29] == 128).all()  # the borders
-    assert training.make_grid(np.zeros((2, 500, 20, 3), int), 8).shape == (502, 43, 3)
+    assert make_grid(np.zeros((2, 500, 20, 3), int), 8).shape == (502, 43, 3)
 
 
 def test_sigterm_saves_before_exit(tmp_path, clean_gin):
@@ -491,7 +464,7 @@ def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
     overrides = [
         ("PixelCNNPP.filters", 8),
         ("PixelCNNPP.residual_layers_per_block", 1),
-        ("train.batch_size", 4),
+        ("train.batch_size", 8),
         ("train.max_steps", 1),
         ("train.images_to_log", 0),
     ]

@@ -1,0 +1,136 @@
+"""Devices and tf.distribute strategies: one device, mirrored GPUs (or logical CPU
+devices), several workers; and running one batch split over a strategy's replicas."""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+
+def split_cpu(num_devices: int) -> None:
+    """Splits the CPU into ``num_devices`` logical devices (call before TF starts).
+
+    Lets ``multigpu`` run several replicas on a machine without GPUs.
+    """
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * num_devices
+        )
+    except RuntimeError as e:
+        if len(tf.config.list_logical_devices("CPU")) != num_devices:
+            raise RuntimeError(
+                "the CPU can only be split before TensorFlow has started; call split_cpu first"
+            ) from e
+
+
+def local_devices() -> list[str]:
+    """The local GPUs, or the logical CPU devices when there is no GPU."""
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+
+
+def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strategy:
+    """'single' (one device), 'multigpu' (MirroredStrategy) or 'multiworker'.
+
+    single: ``device`` if given, else the first GPU, else the CPU.
+    multigpu: all local GPUs; without GPUs, all logical CPU devices (see split_cpu).
+    multiworker: MultiWorkerMirroredStrategy across the workers named in TF_CONFIG.
+    """
+    if kind == "single":
+        if device is None:
+            device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+        return tf.distribute.OneDeviceStrategy(device)
+    if kind == "multigpu":
+        return tf.distribute.MirroredStrategy(local_devices())
+    if kind == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise ValueError(
+                "multiworker needs TF_CONFIG describing the cluster, e.g. "
+                '{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+                '"task": {"type": "worker", "index": 0}}'
+            )
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise ValueError(f"unknown strategy {kind!r}: use single, multigpu or multiworker")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (
+        resolver.task_type == "worker"
+        and resolver.task_id == 0
+        and "chief" not in resolver.cluster_spec().as_dict()
+    )
+
+
+def task_id(strategy: tf.distribute.Strategy) -> int:
+    """This worker's index in a multi-worker cluster (0 otherwise)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return int(resolver.task_id) if resolver is not None and resolver.task_id is not None else 0
+
+
+def broadcast_from_first_replica(strategy: tf.distribute.Strategy, variables) -> None:
+    """Makes every replica (and worker) hold replica 0's values of ``variables``."""
+
+    def fn():
+        ctx = tf.distribute.get_replica_context()
+        first = tf.cast(tf.equal(ctx.replica_id_in_sync_group, 0), tf.float32)
+        return [ctx.all_reduce(tf.distribute.ReduceOp.SUM, v * first) for v in variables]
+
+    values = strategy.run(tf.function(fn, autograph=False))
+    for v, value in zip(variables, values, strict=True):
+        v.assign(strategy.experimental_local_results(value)[0])
+
+
+def replica_bounds(n: int, replicas: int) -> list[int]:
+    """Where each replica's consecutive share of n items starts (and the last ends):
+    sizes differ by at most one, replica i takes items [bounds[i], bounds[i + 1])."""
+    return [i * n // replicas for i in range(replicas + 1)]
+
+
+def run_split(strategy: tf.distribute.Strategy | None, fn, args: tuple) -> tf.Tensor:
+    """fn(*args) with the batch split over the strategy's replicas, in order.
+
+    args: tensors with the batch as their first axis, or None (passed through). Each
+    replica runs fn on its consecutive share (``replica_bounds``) and the results are
+    concatenated in replica order, so the output lines up with the input. Without a
+    strategy, with one replica or with fewer items than replicas, fn runs once on all.
+    """
+    k = 1 if strategy is None else strategy.num_replicas_in_sync
+    n = int(next(a for a in args if a is not None).shape[0])
+    if k == 1 or n < k:  # every replica needs at least one item
+        return fn(*args)
+    bounds = replica_bounds(n, k)
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def part(ctx):
+        lo, hi = bounds[ctx.replica_id_in_sync_group], bounds[ctx.replica_id_in_sync_group + 1]
+        return tuple(args[i][lo:hi] for i in present)
+
+    def replica_fn(values):
+        full = list(args)
+        for i, v in zip(present, values, strict=True):
+            full[i] = v
+        return fn(*full)
+
+    values = strategy.experimental_distribute_values_from_function(part)
+    out = strategy.run(replica_fn, args=(values,))
+    return tf.concat(strategy.experimental_local_results(out), axis=0)
+
+
+def distributed_log_prob(strategy: tf.distribute.Strategy | None, model):
+    """fn(images int [B, H, W, C], labels int [B] or None) -> log p float32 [B] in nats,
+    the batch split over the strategy's replicas (``run_split``), compiled once per
+    shape."""
+    compiled = tf.function(
+        lambda x, y: model.log_prob(x, y), reduce_retracing=True, autograph=False
+    )
+
+    def fn(images, labels=None):
+        labels = None if labels is None else tf.constant(labels, tf.int32)
+        return run_split(strategy, compiled, (tf.constant(images), labels))
+
+    return fn

@@ -1,0 +1,93 @@
+"""Scoring images with a trained model: integer batches from any source, per-image
+log-likelihoods and bits/dim, split over a strategy's replicas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn import contract, distribute, likelihood
+
+
+def integer_batches(
+    dataset: Iterable, image_shape, num_bits: int, num_classes: int | None, split: str
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Batches of a dataset in any accepted element format (``pixelcnn.contract``) as
+    (images int32 [B, H, W, C] in [0, 2**num_bits), labels int32 [B] or None).
+
+    The first batch is checked against the model (``contract.check_batch``: ValueError
+    with what is wrong). Integer images pass through unchanged; float images on the
+    grid become their levels.
+    """
+    for i, element in enumerate(dataset):
+        if i == 0:
+            contract.check_batch(element, image_shape, num_bits, num_classes, split)
+        images, labels = contract.split_element(element)
+        images = tf.convert_to_tensor(images)
+        if images.dtype.is_integer:
+            levels = tf.cast(images, tf.int32)
+        else:
+            levels = likelihood.to_integers(images, num_bits)
+        if labels is not None:
+            labels = tf.cast(tf.reshape(labels, [-1]), tf.int32).numpy()
+        yield levels.numpy(), labels
+
+
+def take(
+    batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first n images (and labels) of ``integer_batches``; fewer if it runs out."""
+    images, labels = [], []
+    count = 0
+    for x, y in batches:
+        images.append(x)
+        labels.append(y)
+        count += len(x)
+        if count >= n:
+            break
+    if not images:
+        raise ValueError("the dataset is empty")
+    return np.concatenate(images)[:n], None if labels[0] is None else np.concatenate(labels)[:n]
+
+
+@dataclass
+class Scores:
+    """Per-image log-likelihoods of a scored dataset, in the source's order."""
+
+    log_prob: np.ndarray  # float64 [N] nats
+    labels: np.ndarray | None  # int32 [N], or None when the source has none
+    image_shape: tuple
+
+    @property
+    def bits_per_dim(self) -> np.ndarray:
+        """float64 [N] bits per sub-pixel of each image."""
+        return likelihood.bits_per_dim(self.log_prob, self.image_shape)
+
+    def summary(self) -> dict:
+        """images, mean NLL per image (nats) and bits/dim of the whole set."""
+        return {
+            "images": int(len(self.log_prob)),
+            "nll_nats": float(-self.log_prob.mean()),
+            "bits_per_dim": float(likelihood.bits_per_dim(self.log_prob.mean(), self.image_shape)),
+        }
+
+
+def score(model, batches, strategy: tf.distribute.Strategy | None = None) -> Scores:
+    """log p of every image of ``integer_batches`` under ``model``; the labels are
+    used when the model is class-conditional. ValueError for an empty source."""
+    log_prob = distribute.distributed_log_prob(strategy, model)
+    scores, labels = [], []
+    for images, y in batches:
+        scores.append(log_prob(images, y if model.num_classes else None).numpy())
+        labels.append(y)
+    if not scores:
+        raise ValueError("the dataset is empty")
+    has_labels = all(y is not None for y in labels)
+    return Scores(
+        np.concatenate(scores).astype(np.float64),
+        np.concatenate(labels) if has_labels else None,
+        tuple(model.image_shape),
+    )

@@ -1,0 +1,155 @@
+"""Faults: signals during evaluation, damaged checkpoints, exact resume with dropout."""
+
+import os
+import shutil
+import signal
+import time
+
+import gin
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pixelcnn import rundir
+from pixelcnn import train as training
+
+SHAPE = (6, 6, 1)
+TINY = dict(
+    image_shape=SHAPE,
+    residual_blocks=2,
+    residual_layers_per_block=1,
+    filters=8,
+    num_mixtures=2,
+    dropout_rate=0.0,
+)
+ONE = "/cpu:0"
+
+
+@pytest.fixture
+def tiny_gin():
+    gin.clear_config()
+    gin.parse_config(
+        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()] + ["train.images_to_log = 0"]
+    )
+    yield
+    gin.clear_config()
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
+
+
+def train(run_dir, dataset_fn, **kwargs):
+    return training.train(
+        run_dir, tf.distribute.OneDeviceStrategy(ONE), dataset_fn=dataset_fn, batch_size=8,
+        progress=False, **kwargs,
+    )  # fmt: skip
+
+
+def plain(train_images, test_images):
+    def fn(batch_size):
+        return (
+            tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size),
+            tf.data.Dataset.from_tensor_slices(test_images).batch(batch_size),
+        )
+
+    return fn
+
+
+def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gin):
+    """SIGTERM while the test set (400 batches) is being scored: the evaluation stops at
+    the next batch, the weights are saved at the step reached, TrainingInterrupted."""
+    read = []
+
+    def fn(batch_size):
+        test = tf.data.Dataset.from_tensor_slices(images(3200, seed=1)).batch(batch_size)
+
+        def count(x):
+            def note(_):
+                read.append(time.monotonic())
+                if len(read) == 5:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return 0
+
+            return x + 0 * tf.cast(tf.py_function(note, [0], tf.int32), x.dtype)
+
+        return tf.data.Dataset.from_tensor_slices(images(24)).batch(batch_size), test.map(count)
+
+    with pytest.raises(training.TrainingInterrupted, match="resume"):
+        train(tmp_path, fn, max_epoch=1)
+    exited = time.monotonic()
+    # prefetching reads a few batches ahead; far from the 400 a finished evaluation reads
+    assert len(read) < 40, len(read)
+    print(f"exit {exited - read[4]:.2f} s after the signal, {len(read)} of 400 batches read")
+    latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert int(latest.rsplit("-", 1)[1]) == 3  # the epoch's 3 steps are saved
+
+
+def data_file(path):
+    return path + ".data-00000-of-00001"
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A run directory with checkpoints at steps 2 and 4."""
+    path = tmp_path_factory.mktemp("run")
+    gin.clear_config()
+    gin.parse_config(
+        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()] + ["train.images_to_log = 0"]
+    )
+    fn = plain(images(32), images(8, seed=1))
+    train(path, fn, max_epoch=1, max_steps=2)
+    train(path, fn, max_epoch=1, max_steps=4)
+    gin.clear_config()
+    assert tf.train.latest_checkpoint(str(path / "checkpoints")).endswith("-4")
+    return path
+
+
+def damaged_copy(run, tmp_path, damage):
+    """A copy of the run whose newest checkpoint is damaged as the disk can damage it."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    newest = tf.train.latest_checkpoint(str(copy / "checkpoints"))
+    blob = open(data_file(newest), "rb").read()
+    if damage == "truncate":  # e.g. the disk filled during the save
+        open(data_file(newest), "wb").write(blob[: len(blob) // 2])
+    elif damage == "delete":
+        os.remove(data_file(newest))
+    else:  # one flipped byte in the middle of the weights
+        flipped = bytearray(blob)
+        flipped[len(blob) // 2] ^= 0xFF
+        open(data_file(newest), "wb").write(bytes(flipped))
+    return copy
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_read(
+    two_checkpoints, tmp_path, damage, capsys
+):
+    run = damaged_copy(two_checkpoints, tmp_path, damage)
+    model, path = rundir.load_for_inference(run)  # as sample, evaluate, complete read it
+    assert path.endswith("-2")
+    err = capsys.readouterr().err
+    assert "ckpt-4 cannot be read" in err and "fell back to" in err
+
+
+def test_resume_falls_back_past_a_truncated_newest_checkpoint(
+    two_checkpoints, tmp_path, tiny_gin, capsys
+):
+    run = damaged_copy(two_checkpoints, tmp_path, "truncate")
+    result = train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=4)
+    out = capsys.readouterr()
+    assert "cannot be read" in out.err and "-2 at step 2" in out.out
+    assert result["step"] == 4  # and the damaged step-4 checkpoint is written again
+    assert rundir.load_for_inference(run)[1].endswith("-4")
+
+
+def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, tiny_gin):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    for path in tf.train.get_checkpoint_state(str(run / "checkpoints")).all_model_checkpoint_paths:
+        os.remove(data_file(path))
+    with pytest.raises(rundir.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
+        rundir.load_for_inference(run)
+    with pytest.raises(rundir.NoGoodCheckpoint, match="can be read"):
+        train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=6)
