@@ -346,7 +346,8 @@ def train(
     # Validate the data before any work: one clear error instead of a wasted run.
     contract.check_batch(first, model.image_shape, model.num_bits, model.num_classes, "train")
     contract.check_batch(test_ds, model.image_shape, model.num_bits, model.num_classes, "test")
-    train_ds, test_ds = _prepare(train_ds, model.num_bits), _prepare(test_ds, model.num_bits)
+    train_ds = _prepare(train_ds, model.image_shape, model.num_bits)
+    test_ds = _prepare(test_ds, model.image_shape, model.num_bits)
     if chief:
         rundir.write_config(run_dir, model, precision)
 
@@ -431,12 +432,20 @@ def _image_shape(batch) -> tuple[int, int, int]:
     return contract.infer_image_shape(batch)
 
 
-def _prepare(ds: tf.data.Dataset, num_bits: int) -> tf.data.Dataset:
-    """Any accepted element format -> {"images": float [B, H, W, C], "labels"?}."""
-    return ds.map(
-        lambda *e: _as_dict(contract.to_model_input(e[0] if len(e) == 1 else e, num_bits)),
-        num_parallel_calls=tf.data.AUTOTUNE,
-    ).prefetch(tf.data.AUTOTUNE)
+def _prepare(ds: tf.data.Dataset, image_shape, num_bits: int) -> tf.data.Dataset:
+    """Any accepted element format -> {"images": float [B, H, W, C], "labels"?}.
+
+    The image shape is set statically (the first batch was checked to have it), so the
+    steps compile for it even when the user's pipeline lost it (e.g. a py_function).
+    """
+
+    def convert(*element):
+        images, labels = contract.to_model_input(
+            element[0] if len(element) == 1 else element, num_bits
+        )
+        return _as_dict((tf.ensure_shape(images, [None, *image_shape]), labels))
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
 class _Checkpoints:

@@ -163,10 +163,10 @@ def test_missing_run_dir_and_checkpoint_are_clear_errors(tmp_path, command):
     assert result.exit_code != 0 and "no checkpoint" in result.output
 
 
-@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("channels", [2])  # 28x28x1 runs in the shipped-config test
 def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monkeypatch, channels):
     """The original README's flow: its MNIST config plus your own train.dataset_fn, with
-    8x8 images of 1 or 2 channels and no image_shape binding: the data decides."""
+    8x8 images of 2 channels and no image_shape binding: the data decides."""
     module = f"my_data_{channels}"
     (tmp_path / f"{module}.py").write_text(
         "import gin, numpy as np, tensorflow as tf\n"

@@ -71,7 +71,9 @@ def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gi
                     os.kill(os.getpid(), signal.SIGTERM)
                 return 0
 
-            return x + 0 * tf.cast(tf.py_function(note, [0], tf.int32), x.dtype)
+            seen = tf.py_function(note, [0], tf.int32)
+            seen.set_shape([])
+            return x + 0 * tf.cast(seen, x.dtype)
 
         return tf.data.Dataset.from_tensor_slices(images(24)).batch(batch_size), test.map(count)
 

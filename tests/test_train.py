@@ -470,6 +470,8 @@ def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
     ]
     if config.name in OFFLINE_DATA:
         overrides.append(("train.dataset_fn", offline_dataset_fn(OFFLINE_DATA[config.name])))
+    else:  # the embedded subset: a smaller test split, evaluated twice per run
+        overrides.append(("embedded_mnist.test_size", 16))
     with gin.unlock_config():
         for name, value in overrides:
             gin.bind_parameter(name, value)
