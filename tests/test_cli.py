@@ -186,6 +186,7 @@ def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monk
         "--binding",
         f"train.dataset_fn = @{module}.dataset",
         *("--binding", "PixelCNNPP.filters = 4", "--binding", "train.max_steps = 1"),
+        *("--binding", "PixelCNNPP.residual_layers_per_block = 1"),
         *("--binding", "train.images_to_log = 0", "--binding", "train.batch_size = 8"),
         "--log-dir",
         run,
