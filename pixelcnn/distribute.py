@@ -85,6 +85,18 @@ def broadcast_from_first_replica(strategy: tf.distribute.Strategy, variables) ->
         v.assign(strategy.experimental_local_results(value)[0])
 
 
+def compile_fn(fn, spec=None):
+    """``fn`` as a tf.function: for one argument of ``spec``, or for the shapes it meets.
+
+    No autograph: the model, the likelihood and the steps have no Python control flow
+    on tensors (the traced graph is the same), and converting them only lengthens each
+    trace (benchmarks/README.md).
+    """
+    if spec is None:
+        return tf.function(fn, reduce_retracing=True, autograph=False)
+    return tf.function(fn, input_signature=[spec], autograph=False)
+
+
 def replica_bounds(n: int, replicas: int) -> list[int]:
     """Where each replica's consecutive share of n items starts (and the last ends):
     sizes differ by at most one, replica i takes items [bounds[i], bounds[i + 1])."""
@@ -125,9 +137,7 @@ def distributed_log_prob(strategy: tf.distribute.Strategy | None, model):
     """fn(images int [B, H, W, C], labels int [B] or None) -> log p float32 [B] in nats,
     the batch split over the strategy's replicas (``run_split``), compiled once per
     shape."""
-    compiled = tf.function(
-        lambda x, y: model.log_prob(x, y), reduce_retracing=True, autograph=False
-    )
+    compiled = compile_fn(lambda x, y: model.log_prob(x, y))
 
     def fn(images, labels=None):
         labels = None if labels is None else tf.constant(labels, tf.int32)

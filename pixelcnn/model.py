@@ -157,14 +157,6 @@ class PixelCNNPP(keras.Model):
             num_bits,
         )
         image_shape = config.image_shape
-        self.image_shape = image_shape
-        self.residual_blocks = residual_blocks
-        self.residual_layers_per_block = residual_layers_per_block
-        self.filters = filters
-        self.num_mixtures = num_mixtures
-        self.dropout_rate = config.dropout_rate
-        self.num_classes = num_classes
-        self.num_bits = num_bits
         if recompute_activations is None:
             recompute_activations = self.compute_dtype == "float32"
         self.recompute_activations = bool(recompute_activations)
@@ -329,6 +321,16 @@ class PixelCNNPP(keras.Model):
         x = likelihood.to_unit_range(images, self.num_bits)
         params = self(x, labels, training=training)
         return likelihood.mixture_log_prob(x, params, self.num_bits, validate=False)
+
+    # The architecture, read from the config (one copy of each value).
+    image_shape = property(lambda self: self.config.image_shape)
+    residual_blocks = property(lambda self: self.config.residual_blocks)
+    residual_layers_per_block = property(lambda self: self.config.residual_layers_per_block)
+    filters = property(lambda self: self.config.filters)
+    num_mixtures = property(lambda self: self.config.num_mixtures)
+    dropout_rate = property(lambda self: self.config.dropout_rate)
+    num_classes = property(lambda self: self.config.num_classes)
+    num_bits = property(lambda self: self.config.num_bits)
 
     def config_summary(self) -> dict:
         """The architecture as JSON values (what model.json holds)."""

@@ -62,7 +62,7 @@ def model_config(run_dir: Path) -> ModelConfig:
 
 
 class NoGoodCheckpoint(FileNotFoundError):
-    """No checkpoint of a run reads back whole (or there is none)."""
+    """No checkpoint of a run reads back whole."""
 
 
 def checkpoint_candidates(run_dir: str | os.PathLike, checkpoint: str | None = None) -> list[str]:
@@ -158,8 +158,6 @@ def restore_newest_good(
                 f"warning: fell back to {path}, the newest checkpoint that reads", file=sys.stderr
             )
         return path
-    if not candidates:
-        raise NoGoodCheckpoint("no checkpoint")
     raise NoGoodCheckpoint(
         "no checkpoint of this run can be read: " + "; ".join(damaged) + ". Restore the "
         "files from a backup, or start a new run in another directory"

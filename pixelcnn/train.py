@@ -45,18 +45,6 @@ def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
             v.assign(rng.normal(v.shape, 0.0, 0.05, dtype=v.dtype))
 
 
-def _compile(fn, spec=None):
-    """``fn`` as a tf.function: for one argument of ``spec``, or for the shapes it meets.
-
-    No autograph: the model, the likelihood and the steps have no Python control flow
-    on tensors (the traced graph is the same), and converting them only lengthens each
-    trace (benchmarks/README.md).
-    """
-    if spec is None:
-        return tf.function(fn, reduce_retracing=True, autograph=False)
-    return tf.function(fn, input_signature=[spec], autograph=False)
-
-
 WEIGHTS = ("ema", "raw")  # the two sets of weights every evaluation reports
 
 
@@ -114,8 +102,8 @@ class Trainer:
             )
         self.schedule = schedule
         self.num_bits = self.model.num_bits
-        self.train_step = _compile(self._train_step)
-        self.eval_steps = {w: _compile(self._eval_step_for(w)) for w in WEIGHTS}
+        self.train_step = distribute.compile_fn(self._train_step)
+        self.eval_steps = self._compile_eval_steps()
         self._specs = {}
 
     def trace_for(self, train_spec=None, eval_spec=None) -> None:
@@ -129,10 +117,10 @@ class Trainer:
         keeps the compiled step.
         """
         if train_spec is not None and self._specs.get("train") != train_spec:
-            self.train_step = _compile(self._train_step, train_spec)
+            self.train_step = distribute.compile_fn(self._train_step, train_spec)
             self._specs["train"] = train_spec
         if eval_spec is not None and self._specs.get("eval") != eval_spec:
-            self.eval_steps = {w: _compile(self._eval_step_for(w), eval_spec) for w in WEIGHTS}
+            self.eval_steps = self._compile_eval_steps(eval_spec)
             self._specs["eval"] = eval_spec
 
     @property
@@ -182,6 +170,9 @@ class Trainer:
             e.assign_sub((1.0 - d) * (e - w))
         self.step_in_epoch.assign_add(1)
         return nll_sum / n, n
+
+    def _compile_eval_steps(self, spec=None) -> dict:
+        return {w: distribute.compile_fn(self._eval_step_for(w), spec) for w in WEIGHTS}
 
     def _eval_step_for(self, weights: str):
         """The step that sums the NLL of a distributed batch under the EMA or raw model."""
@@ -359,12 +350,11 @@ def train(
             init["labels"][:init_batch_size] if "labels" in init else None,
         )
     summaries = _Summaries(run_dir, chief)
-    run = _Run(trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size)
     deadline = _Deadline(start, max_minutes, test_ds)
 
     stopped = None
     with _StopRequested() as stop:
-        run.stop = stop
+        run = _Run(trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size, stop)
         try:
             while stopped is None and _value(trainer.epoch) < max_epoch:
                 if max_steps is not None and _value(trainer.step) >= max_steps:
@@ -456,6 +446,7 @@ class _Checkpoints:
 
     def __init__(self, trainer, run_dir: Path, strategy, keep: int, every_minutes: float):
         self.trainer = trainer
+        self.run_dir = run_dir
         self.chief = distribute.is_chief(strategy)
         self.directory = (
             run_dir / "checkpoints"
@@ -481,7 +472,7 @@ class _Checkpoints:
         """Restores the newest checkpoint that reads back whole, damaged ones reported
         and skipped; False when the run has none (a new run). Every worker reads the
         chief's directory, so all resume from the same checkpoint."""
-        candidates = rundir.checkpoint_candidates(self.directory.parent)
+        candidates = rundir.checkpoint_candidates(self.run_dir)
         if not candidates:
             return False
         path = rundir.restore_newest_good(self.checkpoint, candidates, partial=False)
@@ -514,8 +505,12 @@ class _Summaries:
 
     def __init__(self, run_dir: Path, chief: bool):
         names = ("train", *(_eval_run_name(w) for w in WEIGHTS))
-        make = (lambda k: tf.summary.create_file_writer(str(run_dir / k))) if chief else None
-        self.writers = {k: make(k) if chief else tf.summary.create_noop_writer() for k in names}
+        self.writers = {
+            k: tf.summary.create_file_writer(str(run_dir / k))
+            if chief
+            else tf.summary.create_noop_writer()
+            for k in names
+        }
         with self.writers["train"].as_default():
             tf.summary.text("operative_config", _markdown(gin.operative_config_str()), step=0)
 
@@ -540,7 +535,7 @@ def _eval_run_name(weights: str) -> str:
 class _Run:
     """What one invocation of train() measured: evaluations, samples, the train loss."""
 
-    def __init__(self, trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size):
+    def __init__(self, trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size, stop):
         self.trainer, self.test_ds = trainer, test_ds
         self.summaries, self.checkpoints = summaries, checkpoints
         self.run_dir, self.start = run_dir, start
@@ -549,7 +544,7 @@ class _Run:
         self.train_bits_per_dim = None
         self.evaluations, self.samples = [], []
         self.eval_seconds = None  # how long the last evaluation took
-        self.stop = None  # the _StopRequested of the loop
+        self.stop = stop  # the loop's _StopRequested
 
     def evaluate(self) -> dict:
         """Test bits/dim with the EMA and the raw weights; console, TensorBoard, result."""
@@ -560,7 +555,7 @@ class _Run:
         entry = {"step": step, "epoch": _value(trainer.epoch), "images": self.images}
 
         def should_stop():
-            return self.stop is not None and self.stop.signal is not None
+            return self.stop.signal is not None
 
         for weights in WEIGHTS:
             nll = trainer.evaluate(dist_test, weights, should_stop)

@@ -9,28 +9,18 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_train import SHAPE, bind_tiny
 
 from pixelcnn import rundir
 from pixelcnn import train as training
 
-SHAPE = (6, 6, 1)
-TINY = dict(
-    image_shape=SHAPE,
-    residual_blocks=2,
-    residual_layers_per_block=1,
-    filters=8,
-    num_mixtures=2,
-    dropout_rate=0.0,
-)
 ONE = "/cpu:0"
 
 
 @pytest.fixture
 def tiny_gin():
     gin.clear_config()
-    gin.parse_config(
-        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()] + ["train.images_to_log = 0"]
-    )
+    bind_tiny()
     yield
     gin.clear_config()
 
@@ -96,9 +86,7 @@ def two_checkpoints(tmp_path_factory):
     """A run directory with checkpoints at steps 2 and 4."""
     path = tmp_path_factory.mktemp("run")
     gin.clear_config()
-    gin.parse_config(
-        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()] + ["train.images_to_log = 0"]
-    )
+    bind_tiny()
     fn = plain(images(32), images(8, seed=1))
     train(path, fn, max_epoch=1, max_steps=2)
     train(path, fn, max_epoch=1, max_steps=4)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pixelcnn import rundir
+from pixelcnn import likelihood, rundir
 from pixelcnn import train as training
 from pixelcnn.images import make_grid
 from pixelcnn.model import PixelCNNPP
@@ -325,14 +325,8 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
     # raw means the training weights, as `evaluate --raw-weights` scores them
     model, _ = rundir.load_for_inference(tmp_path, use_ema=False)
     x = tf.constant(images[:256], tf.int32)
-    bpd = float(tf.reduce_mean(pixelcnn_bits_per_dim(model.log_prob(x), model.image_shape)))
+    bpd = float(tf.reduce_mean(likelihood.bits_per_dim(model.log_prob(x), model.image_shape)))
     assert bpd == pytest.approx(raw, rel=1e-5)
-
-
-def pixelcnn_bits_per_dim(log_prob, image_shape):
-    from pixelcnn import likelihood
-
-    return likelihood.bits_per_dim(log_prob, image_shape)
 
 
 def test_max_minutes_stops_in_time_with_a_final_evaluation_and_checkpoint(tmp_path, clean_gin):
