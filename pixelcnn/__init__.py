@@ -10,8 +10,11 @@ Public API:
   bits_per_dim                     nats per image -> bits per sub-pixel
   sample_fast, sample_naive        cached / reference generation (pixelcnn.sampling)
   complete                         image completion
+  export                           a run (or model) as a SavedModel for TF alone
+  codec.encode, codec.decode       lossless compression at the model's likelihood
 """
 
+from pixelcnn import codec
 from pixelcnn.likelihood import (
     bits_per_dim,
     mixture_log_prob,
@@ -22,12 +25,15 @@ from pixelcnn.likelihood import (
 from pixelcnn.model import ModelConfig, PixelCNNPP
 from pixelcnn.rundir import load_for_inference
 from pixelcnn.sampling import complete, sample_fast, sample_naive
+from pixelcnn.serving import export
 
 __all__ = [
     "ModelConfig",
     "PixelCNNPP",
     "bits_per_dim",
+    "codec",
     "complete",
+    "export",
     "load_for_inference",
     "mixture_log_prob",
     "mixture_sample",

@@ -1,9 +1,13 @@
-"""Command line: train (single, multigpu, multiworker), sample, evaluate, complete.
+"""Command line: train (single, multigpu, multiworker), sample, evaluate, complete,
+export, compress, decompress.
 
     pixelcnn --config experiments/mnist.gin [--binding "train.batch_size=128"] single
     pixelcnn --log-dir runs/X sample --num 16
     pixelcnn --log-dir runs/X evaluate --per-image scores.csv
     pixelcnn --log-dir runs/X complete --num 8 --keep-rows 14
+    pixelcnn --log-dir runs/X export exported/
+    pixelcnn --log-dir runs/X compress --num 100 -o test.pcnn
+    pixelcnn --log-dir runs/X decompress test.pcnn -o test.npz --png-dir test_png/
 
 ``python main.py ...`` runs the same commands.
 """
@@ -69,7 +73,8 @@ def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
 )
 @click.pass_context
 def main(ctx, configs, bindings, log_dir, debug, cpu_devices):  # --log-dir: the run directory
-    """PixelCNN++ for TensorFlow 2: training, sampling, evaluation, completion."""
+    """PixelCNN++ for TensorFlow 2: training, sampling, evaluation, completion, export,
+    lossless compression."""
     ctx.ensure_object(dict)
     ctx.obj.update(configs=configs, bindings=bindings, run_dir=log_dir)
     if cpu_devices:
@@ -192,16 +197,17 @@ def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
 def _integer_batches(ctx, run_dir, model, split, npz, folder, batch_size):
     """(int images [B,H,W,C], labels [B] or None) batches from --npz, --folder or the
     run's own dataset, checked against the model; every problem is one clear message."""
+    import tensorflow as tf
+
     from pixelcnn import data, scoring
 
     source = f"--npz {npz}" if npz else f"--folder {folder}" if folder else None
     try:
-        if npz:
-            ds, _ = data.npz(batch_size, npz, test_fraction=0.0)
-        elif folder:
-            ds, _ = data.image_folder(
-                batch_size, folder, image_shape=model.image_shape, test_fraction=0.0
+        if npz or folder:  # in the file's (or sorted path) order, as the results list them
+            arrays = (
+                data.load_npz(npz) if npz else data.load_image_folder(folder, model.image_shape)
             )
+            ds = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
         else:
             ds = _run_dataset(ctx, run_dir, batch_size, split)
     except (ValueError, OSError) as e:
@@ -303,9 +309,16 @@ def evaluate(
     help="PNG path (default RUN_DIR/samples/sample_seed<seed>.png); the .npz goes beside it.",
 )
 @click.option("--naive", is_flag=True, help="Use the naive sampler (one full pass per pixel).")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per compiled call (default 16); the same seed and batch size give the "
+    "same images on one device or several.",
+)
 @DEVICES
 @click.pass_context
-def sample(ctx, checkpoint, num, labels, seed, output, naive, devices):
+def sample(ctx, checkpoint, num, labels, seed, output, naive, batch_size, devices):
     """Draw images from a trained run; writes a PNG grid and a .npz of integer images."""
     import numpy as np
 
@@ -316,7 +329,10 @@ def sample(ctx, checkpoint, num, labels, seed, output, naive, devices):
     run_dir, model = _load(ctx, checkpoint, strategy=strategy)
     label_arr = _labels_for(model, labels, num)
     fn = sampling.sample_naive if naive else sampling.sample_fast
-    images = fn(model, num, labels=label_arr, seed=(0, seed), strategy=strategy).numpy()
+    batch_size = batch_size or sampling.BATCH_SIZE
+    images = fn(
+        model, num, labels=label_arr, seed=(0, seed), strategy=strategy, batch_size=batch_size
+    ).numpy()
     png = Path(output) if output else run_dir / "samples" / f"sample_seed{seed}.png"
     save_png(make_grid(images, model.num_bits), png)
     npz_path = png.with_suffix(".npz")
@@ -421,6 +437,180 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
     save_png(make_grid(rows, model.num_bits, columns=len(images)), png)
     np.savez_compressed(png.with_suffix(".npz"), originals=images, mask=mask, completions=done)
     click.echo(f"wrote {png} (rows: originals, known pixels, completions)")
+
+
+# ------------------------------------------------------------------------ reuse
+@main.command(name="export")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option("--raw-weights", is_flag=True, help="Export the raw weights instead of the EMA.")
+@click.option(
+    "--sample-batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per compiled call of the sample signature (default 16, as `sample`).",
+)
+@click.pass_context
+def export_command(ctx, out_dir, checkpoint, raw_weights, sample_batch_size):
+    """Write a TensorFlow SavedModel (OUT_DIR/1) that loads without pixelcnn."""
+    from pixelcnn import sampling
+    from pixelcnn.serving import export
+
+    run_dir = _run_dir(ctx)
+    try:
+        path = export(
+            run_dir,
+            out_dir,
+            checkpoint=checkpoint,
+            use_ema=not raw_weights,
+            sample_batch_size=sample_batch_size or sampling.BATCH_SIZE,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    size = sum(f.stat().st_size for f in Path(out_dir).rglob("*") if f.is_file())
+    click.echo(f"wrote {path} ({size / 1e6:.1f} MB with model.json and README.txt)")
+
+
+def _report(what: str, nbytes: int, model, images, labels, seconds: float) -> None:
+    """One line: images, bytes, coded and model bits/dim, images/s."""
+    from pixelcnn import scoring
+
+    parts = [
+        (images[i : i + 256], None if labels is None else labels[i : i + 256])
+        for i in range(0, len(images), 256)
+    ]
+    model_bpd = scoring.score(model, parts).summary()["bits_per_dim"]
+    click.echo(
+        f"{what} {len(images)} images, {nbytes} bytes: {8 * nbytes / images.size:.4f} bits/dim "
+        f"coded, {model_bpd:.4f} bits/dim the model's likelihood, "
+        f"{len(images) / seconds:.1f} images/s"
+    )
+
+
+@main.command()
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option(
+    "--npz", type=click.Path(exists=True, dir_okay=False), default=None, help="Images of a .npz."
+)
+@click.option(
+    "--folder",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="A folder of images.",
+)
+@click.option("--num", type=click.IntRange(1), default=None, help="Code the first N images.")
+@click.option("--raw-weights", is_flag=True, help="Use the raw weights instead of the EMA.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per coding batch (default 64; the file records it).",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="OUT.pcnn")
+@click.pass_context
+def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, output):
+    """Losslessly compress images with the model (range coding at its likelihood)."""
+    import time
+
+    from pixelcnn import codec, scoring
+
+    run_dir, model = _load(ctx, checkpoint, raw_weights)
+    batches = _integer_batches(ctx, run_dir, model, split, npz, folder, 256)
+    try:
+        images, labels = scoring.take(batches, num)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    labels = labels if model.num_classes else None
+    start = time.perf_counter()
+    try:
+        data = codec.encode(model, images, labels, batch_size or codec.BATCH_SIZE)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    seconds = time.perf_counter() - start
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, out)
+    _report(f"compressed to {out}:", len(data), model, images, labels, seconds)
+
+
+def _png_mode(channels: int, num_bits: int):
+    """Pillow's mode and dtype for PNGs that hold the integers unscaled (8-bit, or
+    16-bit grey); a clear error where no PNG fits."""
+    import numpy as np
+
+    if num_bits <= 8 and channels in (1, 3, 4):
+        return {1: "L", 3: "RGB", 4: "RGBA"}[channels], np.uint8
+    if channels == 1:
+        return "I;16", np.uint16
+    raise click.ClickException(
+        f"{channels}-channel images of {num_bits} bits do not make a PNG here (1, 3 or 4 "
+        "channels of up to 8 bits, or 1 channel of up to 16): use the .npz"
+    )
+
+
+def _write_pngs(folder: Path, images, num_bits: int) -> None:
+    """One PNG per image, named by its index."""
+    from PIL import Image
+
+    mode, dtype = _png_mode(images.shape[-1], num_bits)
+    folder.mkdir(parents=True, exist_ok=True)
+    digits = len(str(len(images) - 1))
+    for i, img in enumerate(images.astype(dtype)):
+        Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img, mode=mode).save(
+            folder / f"{i:0{digits}d}.png"
+        )
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+@click.option("--checkpoint", default=None, help="A checkpoint prefix (default: the latest).")
+@click.option("--raw-weights", is_flag=True, help="Use the raw weights instead of the EMA.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="IMAGES.npz")
+@click.option(
+    "--png-dir", type=click.Path(file_okay=False), default=None, help="Also one PNG per image."
+)
+@click.pass_context
+def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
+    """Decode a .pcnn file written by `compress` with the same run and weights."""
+    import time
+    import warnings
+
+    import numpy as np
+
+    from pixelcnn import codec
+
+    data = Path(source).read_bytes()
+    try:
+        codec.read_header(data)
+    except codec.CodecError as e:
+        raise click.ClickException(f"{source}: {e}") from e
+    run_dir, model = _load(ctx, checkpoint, raw_weights)
+    if png_dir:
+        _png_mode(model.image_shape[-1], model.num_bits)  # before any work
+    start = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images, labels = codec.decode(model, data)
+    except codec.CodecError as e:
+        raise click.ClickException(f"{source}: {e}") from e
+    finally:
+        for w in caught:
+            click.echo(f"warning: {w.message}", err=True)
+    seconds = time.perf_counter() - start
+    dtype = np.uint8 if model.num_bits <= 8 else np.uint16
+    arrays = {"images": images.astype(dtype)}
+    if labels is not None:
+        arrays["labels"] = labels
+    out = Path(output)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out)
+    if png_dir:
+        _write_pngs(Path(png_dir), images, model.num_bits)
+    _report(f"decompressed {source} to {out}:", len(data), model, images, labels, seconds)
 
 
 def _read_images(paths, model):

@@ -384,6 +384,21 @@ def image_folder(
       (train, test) datasets of (images uint8 [B, H, W, C] (uint16 for 16-bit PNGs),
       labels int32 [B]).
     """
+    images, labels = load_image_folder(path, image_shape)
+    train_idx, test_idx = split_indices(
+        labels, _test_size(len(images), test_fraction, "image_folder"), seed
+    )
+    return make_datasets(
+        (images[train_idx], labels[train_idx]),
+        (images[test_idx], labels[test_idx]),
+        batch_size,
+        seed,
+    )
+
+
+def load_image_folder(path: str, image_shape=None) -> tuple[np.ndarray, np.ndarray]:
+    """``image_folder``'s images and labels as arrays, in sorted path order (subfolders
+    first by name, then files by name): (images [N, H, W, C], labels int32 [N])."""
     root = os.path.expanduser(str(path))
     if not os.path.isdir(root):
         raise FileNotFoundError(f"image_folder: {root} is not a folder (image_folder.path)")
@@ -443,18 +458,14 @@ def image_folder(
     logger.info(
         "image_folder: %d images %s, classes %s", len(images), images.shape[1:], classes or "none"
     )
-    train_idx, test_idx = split_indices(
-        labels, _test_size(len(images), test_fraction, "image_folder"), seed
-    )
-    return make_datasets(
-        (images[train_idx], labels[train_idx]),
-        (images[test_idx], labels[test_idx]),
-        batch_size,
-        seed,
-    )
+    return images, labels
 
 
-def _load_npz(path: str, images_key: str, labels_key: str | None) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(
+    path: str, images_key: str = "images", labels_key: str | None = "labels"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``npz``'s images and labels as arrays, in the file's order: (images [N, H, W, C],
+    labels int32 [N], all 0 when the file has none)."""
     file = os.path.expanduser(str(path))
     if not os.path.isfile(file):
         raise FileNotFoundError(f"npz: {file} does not exist")
@@ -504,9 +515,9 @@ def npz(
       (train, test) datasets of (images [B, H, W, C] uint8 when the levels fit in 8
       bits, otherwise the file's integer dtype, labels int32 [B]).
     """
-    images, labels = _load_npz(path, images_key, labels_key)
+    images, labels = load_npz(path, images_key, labels_key)
     if test_path is not None:
-        test_images, test_labels = _load_npz(test_path, images_key, labels_key)
+        test_images, test_labels = load_npz(test_path, images_key, labels_key)
         if test_images.shape[1:] != images.shape[1:]:
             raise ValueError(
                 f"npz: train images are {images.shape[1:]} but test images are "

@@ -166,11 +166,57 @@ def _compiled(model, kind: str):
     return per_model[kind]
 
 
-def _run(model, kind: str, args: tuple, strategy: tf.distribute.Strategy | None):
-    """Runs the compiled sampler on ``args``; with a strategy of k replicas the images
-    are split into k consecutive chunks (with their own slices of the noise, so the
-    result is the same images as on one device) and the results concatenated."""
-    return distribute.run_split(strategy, _compiled(model, kind), args)
+BATCH_SIZE = 16  # images per compiled generation call, unless the caller picks another
+
+# What the images that fill up the last batch get: label 0, noise 0.5, no known pixels.
+_FILL = (0, 0.5, 0.5, 0.0, False)
+
+
+def check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    return int(batch_size)
+
+
+def fixed_batches(
+    strategy: tf.distribute.Strategy | None, fn, args: tuple, fill: tuple, batch_size: int
+) -> tf.Tensor:
+    """fn(*args) over the images in batches of exactly ``batch_size``, in order.
+
+    args: tensors with the images as their first axis, or None. The last batch is
+    filled up (``fill[k]`` for args[k]) and the extra results dropped, and with a
+    strategy of k replicas each replica runs whole batches, k at a time. So image n is
+    always computed in the same position of the same program, whatever the number of
+    images or replicas: the results are the same integers (floating point results can
+    depend on the batch shape), which the exported sampler and the codec rely on.
+    """
+    k = 1 if strategy is None else strategy.num_replicas_in_sync
+    group = batch_size * k
+    n = int(next(a for a in args if a is not None).shape[0])
+    outputs = []
+    for start in range(0, n, group):
+        part = []
+        for a, value in zip(args, fill, strict=True):
+            part.append(a if a is None else _fill_up(a[start : start + group], group, value))
+        outputs.append(distribute.run_split(strategy, fn, tuple(part)))
+    return tf.concat(outputs, axis=0)[:n]
+
+
+def _fill_up(x: tf.Tensor, size: int, value) -> tf.Tensor:
+    """x [m, ...] padded along the first axis to [size, ...] with ``value``."""
+    extra = size - int(x.shape[0])
+    if extra == 0:
+        return x
+    pad = [[0, extra]] + [[0, 0]] * (x.shape.rank - 1)
+    return tf.pad(x, pad, constant_values=tf.cast(value, x.dtype))
+
+
+def _run(model, kind: str, args: tuple, strategy: tf.distribute.Strategy | None, batch_size):
+    """The compiled sampler on ``args`` in fixed batches (``fixed_batches``)."""
+    batch_size = check_batch_size(batch_size)
+    return fixed_batches(strategy, _compiled(model, kind), args, _FILL, batch_size)
 
 
 # ----------------------------------------------------------------------------- naive
@@ -202,6 +248,7 @@ def sample_naive(
     known_images: np.ndarray | tf.Tensor | None = None,
     known_mask: np.ndarray | tf.Tensor | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> tf.Tensor:
     """Reference sampler: one full forward pass per pixel (slow, obviously correct).
 
@@ -218,11 +265,15 @@ def sample_naive(
       strategy: optional tf.distribute strategy whose scope holds the model's variables
         (e.g. MirroredStrategy over several GPUs): the images are split over its
         replicas; the result is the same as on one device.
+      batch_size: images per compiled call (the last batch is filled up, the extra
+        images dropped). The same seed and batch size give the same integers on one
+        device or several (``fixed_batches``); another batch size can change them
+        (floating point rounding depends on the batch shape).
     Returns:
       int32 [N, H, W, C] in [0, 2**model.num_bits).
     """
     args = _prepare(model, num_images, labels, seed, known_images, known_mask)
-    return _run(model, "naive", args, strategy)
+    return _run(model, "naive", args, strategy, batch_size)
 
 
 # ----------------------------------------------------------------------------- fast
@@ -564,10 +615,37 @@ class _FastPlan:
     # ------------------------------------------------------------------ the loops
     def generate(self, labels, mix_u, logistic_u, known_x, mask):
         """The whole cached generation; returns int32 [N, H, W, C] in [0, 2**bits)."""
+        channels, bits = self.model.image_shape[2], self.model.num_bits
+        hp, wp = self.padded_hw
+        height, width, _ = self.model.image_shape
+        pad = [[0, 0], [0, hp - height], [0, wp - width], [0, 0]]
+        # Phantom positions get harmless noise (0.5) and no known pixels.
+        mix_u = tf.pad(mix_u, pad, constant_values=0.5)
+        logistic_u = tf.pad(logistic_u, pad, constant_values=0.5)
+        known_x = tf.pad(known_x, pad)
+        mask = tf.pad(mask, pad[:3])
+
+        def emit(i, j, params):
+            value = likelihood.sample_with_noise(
+                params, channels, bits, mix_u[:, i, j], logistic_u[:, i, j]
+            )  # float32 [N, C] on the grid
+            return tf.where(mask[:, i, j, None], known_x[:, i, j], value)
+
+        return self.run(labels, mix_u.shape[0], emit, zero=mix_u[0, 0, 0, 0] * 0.0)
+
+    def run(self, labels, n: int, emit, zero):
+        """The cached generation loops around a per-pixel choice of value.
+
+        ``emit(i, j, params)`` gets the network's output at pixel (i, j), float32
+        [N, P], and returns the pixel's value, float32 [N, C] on the grid in [-1, 1]
+        (sampled, known, or decoded by ``pixelcnn.codec``); it is called in raster order,
+        for phantom positions too (i >= H or j >= W: any value, it is discarded).
+        ``zero``: a scalar 0 that is not a compile-time constant (``initial_state``).
+        Returns int32 [N, H, W, C] in [0, 2**bits), the emitted values.
+        """
         model = self.model
         height, width, channels = model.image_shape
         hp, wp = self.padded_hw
-        n = mix_u.shape[0]
         bits = model.num_bits
         self._weights = {
             id(layer): (
@@ -577,20 +655,11 @@ class _FastPlan:
             for layer in _conv_layers(model)
         }
         h = model.one_hot(labels)
-        pad = [[0, 0], [0, hp - height], [0, wp - width], [0, 0]]
-        # Phantom positions get harmless noise (0.5) and no known pixels.
-        mix_u = tf.pad(mix_u, pad, constant_values=0.5)
-        logistic_u = tf.pad(logistic_u, pad, constant_values=0.5)
-        known_x = tf.pad(known_x, pad)
-        mask = tf.pad(mask, pad[:3])
         read_only = ("/prev",)
 
         def sample(i, j, ul, state):
             params = tf.cast(self._linear(model.out_nin, tf.nn.elu(ul)), tf.float32)
-            value = likelihood.sample_with_noise(
-                params[:, 0, 0], channels, bits, mix_u[:, i, j], logistic_u[:, i, j]
-            )  # float32 [N, C] on the grid
-            value = tf.where(mask[:, i, j, None], known_x[:, i, j], value)
+            value = emit(i, j, params[:, 0, 0])
             state["out"] = self._put(state["out"], value[:, None, None, :], i, j)
             ones = tf.ones([n, 1], self.dtype)
             pixel = tf.concat([tf.cast(value, self.dtype), ones], -1)[:, None, None, :]
@@ -628,7 +697,7 @@ class _FastPlan:
         _, state = tf.while_loop(
             lambda rb, _: rb < hp // self.block,
             row_block,
-            (tf.constant(0), self.initial_state(n, zero=mix_u[0, 0, 0, 0] * 0.0)),
+            (tf.constant(0), self.initial_state(n, zero)),
         )
         return likelihood.to_integers(state["out"][:, :height, :width], bits)
 
@@ -641,6 +710,7 @@ def sample_fast(
     known_images: np.ndarray | tf.Tensor | None = None,
     known_mask: np.ndarray | tf.Tensor | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    batch_size: int = BATCH_SIZE,
     jit_compile: bool = True,
 ) -> tf.Tensor:
     """Cached sampler (Ramachandran et al. 2017): the same integers as ``sample_naive``.
@@ -661,7 +731,7 @@ def sample_fast(
     """
     args = _prepare(model, num_images, labels, seed, known_images, known_mask)
     kind = "fast_xla" if jit_compile else "fast_graph"
-    return _run(model, kind, args, strategy)
+    return _run(model, kind, args, strategy, batch_size)
 
 
 def complete(
@@ -673,6 +743,7 @@ def complete(
     fast: bool = True,
     keep_rows: int | None = None,
     strategy: tf.distribute.Strategy | None = None,
+    batch_size: int = BATCH_SIZE,
 ) -> tf.Tensor:
     """Image completion: samples the unknown pixels given the known ones.
 
@@ -685,7 +756,7 @@ def complete(
       fast: use ``sample_fast`` (default) or ``sample_naive``; both give the same result.
       keep_rows: instead of ``known_mask``, keep the top ``keep_rows`` rows (see
         ``top_rows_mask``).
-      strategy: split the images over its replicas, as in ``sample_naive``.
+      strategy, batch_size: as in ``sample_naive``.
     Returns:
       int32 [N, H, W, C] in [0, 2**bits), equal to ``images`` where the mask is true.
     """
@@ -701,4 +772,4 @@ def complete(
         h, w, _ = model.image_shape
         known_mask = top_rows_mask(h, w, keep_rows)
     sampler = sample_fast if fast else sample_naive
-    return sampler(model, images.shape[0], labels, seed, images, known_mask, strategy)
+    return sampler(model, images.shape[0], labels, seed, images, known_mask, strategy, batch_size)

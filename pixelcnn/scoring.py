@@ -37,16 +37,17 @@ def integer_batches(
 
 
 def take(
-    batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n: int
+    batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n: int | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The first n images (and labels) of ``integer_batches``; fewer if it runs out."""
+    """The first n images (and labels) of ``integer_batches``; fewer if it runs out,
+    all of them for n=None."""
     images, labels = [], []
     count = 0
     for x, y in batches:
         images.append(x)
         labels.append(y)
         count += len(x)
-        if count >= n:
+        if n is not None and count >= n:
             break
     if not images:
         raise ValueError("the dataset is empty")

@@ -1,0 +1,365 @@
+"""Lossless image compression with a trained model: ``encode`` / ``decode``.
+
+Each sub-pixel is range coded (``constriction``'s first-in-first-out range coder) with
+the model's exact distribution over its 2**b values: pixels in raster order, channels in
+order, channel c's distribution conditioned on the channels before it as the likelihood
+defines it (the mixture weights updated by the earlier channels' masses, the means
+shifted by the coupling coefficients). So the coded size is the model's -log2 p of the
+images plus the coder's overhead and the file's header.
+
+Bit-identical probabilities by construction. Encoder and decoder run the same program:
+the cached generation loop of ``pixelcnn.sampling`` (plain TF graph, no XLA) over
+batches of exactly ``batch_size`` images, the last one filled up with zero images; at
+each pixel the network's output goes to one Python function (``_PixelCoder``) that
+builds the probability tables in float64 NumPy, then codes the known values (encoder) or
+decodes them (decoder), and returns them as the pixel's value. The decoder therefore
+sees the same network inputs, hence the same float32 outputs and tables, as the encoder,
+provided the software and hardware stack is the same (TensorFlow version, CPU or GPU
+kind): the file records both, decoding on another stack warns first, and the SHA-256 of
+the original pixels it stores decides whether a decode is right.
+
+File format (version 1), little-endian:
+
+    8 bytes   magic b"PCNNCODE"
+    2 bytes   format version (uint16) = 1
+    4 bytes   header length L (uint32)
+    L bytes   header, UTF-8 JSON (fields: ``_header``)
+    4 W bytes the coded words (uint32) of every batch, batch after batch
+    32 bytes  SHA-256 of everything before it
+
+Nothing is pickled. Labels of a class-conditional model are stored in the header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn import contract, likelihood, sampling
+
+__all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
+
+MAGIC = b"PCNNCODE"
+VERSION = 1
+BATCH_SIZE = 64  # images per coding batch unless chosen otherwise; the header records it
+FLOOR = 1e-9  # added to every value's probability before the coder normalises the table
+_PREFIX = struct.Struct("<8sHI")
+
+
+class CodecError(ValueError):
+    """A file that cannot be decoded (damaged, another model, unknown version) or a
+    decode that does not reproduce the stored checksum."""
+
+
+# ----------------------------------------------------------------------------- tables
+class _PixelTables:
+    """The model's distribution of one pixel's channels, one channel at a time.
+
+    params: float32 [N, P] (the network's output at the pixel). ``table(c)`` gives
+    channel c's probabilities over the 2**b values, float64 [N, 2**b], given the values
+    of channels < c passed to ``observe`` before.
+    """
+
+    def __init__(self, params: np.ndarray, channels: int, mixtures: int, bits: int):
+        p = params.astype(np.float64)
+        c, k = channels, mixtures
+        self.c, self.k, self.bits = c, k, bits
+        logits = p[:, :k]
+        self.log_w = logits - logits.max(axis=1, keepdims=True)  # [N, K], unnormalised
+        self.means = p[:, k : k + c * k].reshape(len(p), c, k)
+        log_scales = p[:, k + c * k : k + 2 * c * k].reshape(len(p), c, k)
+        self.inv_scales = np.exp(-np.maximum(log_scales, likelihood.MIN_LOG_SCALE))
+        self.coeffs = np.tanh(p[:, k + 2 * c * k :].reshape(len(p), c * (c - 1) // 2, k))
+        top = 2**bits - 1
+        self.upper_edges = (2.0 * np.arange(top) + 1.0) / top - 1.0  # the 2**b - 1 inner edges
+        self.x = np.zeros((p.shape[0], c))  # the observed values, in [-1, 1]
+        self._masses = None
+
+    def table(self, ch: int) -> np.ndarray:
+        mu = self.means[:, ch].copy()  # [N, K]
+        for j in range(ch):
+            mu += self.coeffs[:, likelihood.coeff_index(ch, j)] * self.x[:, j, None]
+        z = self.inv_scales[:, ch, :, None] * (self.upper_edges - mu[..., None])  # [N, K, V-1]
+        cdf = 0.5 * (1.0 + np.tanh(0.5 * z))  # sigmoid without overflow
+        n, k = mu.shape
+        cdf = np.concatenate([np.zeros((n, k, 1)), cdf, np.ones((n, k, 1))], axis=2)
+        self._masses = np.maximum(np.diff(cdf, axis=2), 0.0)  # [N, K, V]
+        w = np.exp(self.log_w - self.log_w.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        return np.einsum("nk,nkv->nv", w, self._masses) + FLOOR
+
+    def observe(self, ch: int, values: np.ndarray) -> None:
+        """Channel ch took ``values`` (int [N]): update the weights and the coupling."""
+        mass = self._masses[np.arange(len(values)), :, values]  # [N, K]
+        self.log_w = self.log_w + np.log(np.maximum(mass, 1e-300))
+        self.x[:, ch] = values * (2.0 / (2**self.bits - 1)) - 1.0
+
+
+class _PixelCoder:
+    """Codes (or decodes) one batch, one pixel at a time, called from inside the graph.
+
+    ``values``: int [B, H, W, C] the batch (encoder) or zeros to fill in (decoder); only
+    the first ``count`` images are coded, the rest are the batch's filler (zeros).
+    """
+
+    def __init__(self, model, values: np.ndarray, count: int, coder):
+        import constriction
+
+        self.values = values
+        self.count = count
+        self.coder = coder
+        self.decoding = isinstance(coder, constriction.stream.queue.RangeDecoder)
+        self.family = constriction.stream.model.Categorical(perfect=False)
+        h, w, self.channels = model.image_shape
+        self.hw = (h, w)
+        self.mixtures = model.num_mixtures
+        self.bits = model.num_bits
+
+    def __call__(self, i, j, params):
+        i, j = int(i), int(j)
+        if i >= self.hw[0] or j >= self.hw[1]:  # a phantom position: nothing to code
+            return np.full((len(params), self.channels), -1.0, np.float32)
+        tables = _PixelTables(params, self.channels, self.mixtures, self.bits)
+        pixel = self.values[:, i, j]  # [B, C] (a view)
+        n = self.count
+        for ch in range(self.channels):
+            table = tables.table(ch)[:n]
+            if self.decoding:
+                pixel[:n, ch] = self.coder.decode(self.family, table)
+            else:
+                self.coder.encode(pixel[:n, ch].astype(np.int32), self.family, table)
+            tables.observe(ch, pixel[:, ch])
+        top = 2**self.bits - 1
+        return (pixel.astype(np.float32) * np.float32(2.0 / top) - np.float32(1.0)).astype(
+            np.float32
+        )
+
+
+def _program(model, batch_size: int):
+    """The coding program for one model and batch size (cached): fn(labels) -> int32
+    [B, H, W, C], running the cached generation with the current ``_PixelCoder``."""
+    per_model = sampling._CACHE.setdefault(model, {})
+    key = ("codec", batch_size)
+    if key not in per_model:
+        plan = sampling._FastPlan(model, jit=False)
+        channels = model.image_shape[2]
+        slot = {}
+
+        def emit(i, j, params):
+            value = tf.numpy_function(
+                lambda i, j, p: slot["coder"](i, j, p), [i, j, params], tf.float32
+            )
+            return tf.ensure_shape(value, [batch_size, channels])
+
+        def run(labels, zero):
+            return plan.run(labels, batch_size, emit, zero)
+
+        per_model[key] = (tf.function(run, autograph=False), slot)
+    return per_model[key]
+
+
+def _code_batches(model, values, labels, batch_size, coders):
+    """Runs the program over the batches of ``values`` with one coder per batch."""
+    fn, slot = _program(model, batch_size)
+    n = len(values)
+    for b, coder in enumerate(coders):
+        start = b * batch_size
+        count = min(batch_size, n - start)
+        batch = np.zeros((batch_size, *values.shape[1:]), np.int64)
+        batch[:count] = values[start : start + count]
+        y = None
+        if labels is not None:
+            y = np.zeros(batch_size, np.int32)
+            y[:count] = labels[start : start + count]
+            y = tf.constant(y)
+        slot["coder"] = _PixelCoder(model, batch, count, coder)
+        try:
+            out = fn(y, tf.constant(0.0)).numpy()
+        except tf.errors.OpError as e:  # raised by the coder inside the program
+            raise CodecError(f"batch {b} cannot be coded: {e.message.strip()[:300]}") from e
+        finally:
+            slot.pop("coder")
+        values[start : start + count] = batch[:count]
+        if not np.array_equal(out[:count], batch[:count]):
+            raise CodecError("the generation program did not reproduce the coded values")
+
+
+# ----------------------------------------------------------------------------- format
+def weights_fingerprint(model) -> str:
+    """SHA-256 of the model's variables (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for v in sorted(model.weights, key=lambda v: v.path):
+        arr = np.ascontiguousarray(v.numpy())
+        digest.update(f"{v.path}:{arr.dtype.str}:{arr.shape}\n".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(images, "<i4").tobytes())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels, "<i4").tobytes())
+    return digest.hexdigest()
+
+
+def device_description() -> str:
+    """What the probabilities were computed on: CPU model (and GPUs, when visible)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    return f"{platform.machine()} {cpu}" + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
+
+
+def _stack() -> dict:
+    from importlib.metadata import version
+
+    return {
+        "tensorflow": tf.__version__,
+        "constriction": version("constriction"),
+        "numpy": np.__version__,
+        "device": device_description(),
+    }
+
+
+def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
+    """Losslessly compresses integer images with ``model``'s distribution.
+
+    Args:
+      model: a ``PixelCNNPP`` (e.g. ``load_for_inference``'s; float32).
+      images: int [N, H, W, C] in [0, 2**bits) of the model's shape.
+      labels: int [N] in [0, num_classes) for a class-conditional model, else None.
+      batch_size: images per coding batch; the decoder uses the one in the header.
+    Returns:
+      the file's bytes (format: module docstring).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[0] < 1:
+        raise ValueError(f"images must be int [N, H, W, C] with N >= 1, got shape {images.shape}")
+    contract.check_integer_images(images, model.image_shape, model.num_bits, "images")
+    batch_size = sampling.check_batch_size(batch_size)
+    n = len(images)
+    labels = _checked_labels(model, labels, n)
+    import constriction
+
+    coders = [constriction.stream.queue.RangeEncoder() for _ in range(-(-n // batch_size))]
+    values = images.astype(np.int64)
+    _code_batches(model, values, labels, batch_size, coders)
+    words = [c.get_compressed().astype("<u4") for c in coders]
+    header = {
+        "format": "pixelcnn-codec",
+        "version": VERSION,
+        "image_shape": [int(d) for d in model.image_shape],
+        "num_bits": int(model.num_bits),
+        "count": n,
+        "labels": None if labels is None else [int(y) for y in labels],
+        "batch_size": batch_size,
+        "batch_words": [len(w) for w in words],
+        "weights_sha256": weights_fingerprint(model),
+        "pixels_sha256": _pixels_fingerprint(images, labels),
+        "coder": "constriction RangeEncoder (queue), Categorical(perfect=False)",
+        "floor": FLOOR,
+        **_stack(),
+    }
+    text = json.dumps(header, separators=(",", ":")).encode()
+    body = _PREFIX.pack(MAGIC, VERSION, len(text)) + text + b"".join(w.tobytes() for w in words)
+    return body + hashlib.sha256(body).digest()
+
+
+def _checked_labels(model, labels, n):
+    if model.num_classes is None:
+        if labels is not None:
+            raise ValueError("this model is unconditional (num_classes=None): pass labels=None")
+        return None
+    if labels is None:
+        raise ValueError(
+            f"this model is class-conditional (num_classes={model.num_classes}): pass labels"
+        )
+    return contract.check_labels(np.asarray(labels), n, model.num_classes, "labels")
+
+
+def read_header(data: bytes) -> dict:
+    """The header of a coded file, after checking its magic, version and SHA-256."""
+    if len(data) < _PREFIX.size + 32 or data[:8] != MAGIC:
+        raise CodecError("not a pixelcnn compressed file (no PCNNCODE magic at its start)")
+    _, version, length = _PREFIX.unpack_from(data)
+    if version != VERSION:
+        raise CodecError(
+            f"format version {version} is not known to this pixelcnn (it reads version "
+            f"{VERSION}): decode with the pixelcnn version that wrote the file"
+        )
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        raise CodecError("the file is damaged: its SHA-256 does not match (truncated or altered)")
+    try:
+        header = json.loads(data[_PREFIX.size : _PREFIX.size + length].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CodecError(f"the file's header cannot be read: {e}") from e
+    words = data[_PREFIX.size + length : -32]
+    if len(words) != 4 * sum(header["batch_words"]):
+        raise CodecError("the file's length does not match its header (truncated or altered)")
+    header["_words_at"] = _PREFIX.size + length
+    return header
+
+
+def decode(model, data: bytes):
+    """Decodes ``encode``'s bytes with the same model.
+
+    Returns (images int32 [N, H, W, C], labels int32 [N] or None). CodecError for a
+    damaged file, another model, an unknown version, or a decode that does not match
+    the checksum of the original pixels (then nothing is returned).
+    """
+    header = read_header(data)
+    if header["weights_sha256"] != weights_fingerprint(model):
+        raise CodecError(
+            "the file was written with another model (its weights' SHA-256 differs): "
+            "decode with the run and checkpoint that compressed it"
+        )
+    shape = (*header["image_shape"],)
+    if shape != tuple(model.image_shape) or header["num_bits"] != model.num_bits:
+        raise CodecError(f"the file holds {shape} images of {header['num_bits']} bits")
+    stack = _stack()
+    changed = [
+        k for k in ("tensorflow", "constriction", "numpy", "device") if header[k] != stack[k]
+    ]
+    if changed:
+        warnings.warn(
+            "the file was written on another stack ("
+            + "; ".join(f"{k}: {header[k]} there, {stack[k]} here" for k in changed)
+            + "): the probabilities may differ, and the decode may not verify",
+            stacklevel=2,
+        )
+    import constriction
+
+    labels = header["labels"]
+    labels = None if labels is None else np.asarray(labels, np.int32)
+    if (labels is None) != (model.num_classes is None):
+        raise CodecError("the file's labels do not fit this model (conditional or not)")
+    at = header["_words_at"]
+    coders = []
+    for count in header["batch_words"]:
+        words = np.frombuffer(data, "<u4", count, at).astype(np.uint32)
+        coders.append(constriction.stream.queue.RangeDecoder(words))
+        at += 4 * count
+    n = header["count"]
+    values = np.zeros((n, *shape), np.int64)
+    _code_batches(model, values, labels, header["batch_size"], coders)
+    images = values.astype(np.int32)
+    if _pixels_fingerprint(images, labels) != header["pixels_sha256"]:
+        raise CodecError(
+            "the decoded pixels do not match the checksum of the originals: the "
+            "probabilities differed from the encoder's (another software or hardware "
+            "stack?); the decoded images are wrong and were not returned"
+        )
+    return images, labels

@@ -1,0 +1,237 @@
+"""Export a trained model as a TensorFlow SavedModel that loads without this package.
+
+    pixelcnn --log-dir RUN export OUT_DIR          (or pixelcnn.export(RUN, OUT_DIR))
+
+OUT_DIR/
+  1/            the SavedModel (TF Serving's base-path layout: version 1)
+  model.json    the run's architecture
+  README.txt    the signatures, the checkpoint, the run's last test bits/dim
+
+Signatures (``tf.saved_model.load(OUT_DIR + "/1").signatures[name]``, keyword inputs):
+
+  log_prob(images int32 [N, H, W, C] [, labels int32 [N]])
+      -> log_prob float32 [N] (nats), bits_per_dim float32 [N]
+  params(images [, labels]) -> params float32 [N, H, W, P] (raw mixture parameters)
+  sample(num_images int32 [], seed int32 [2] [, labels int32 [num_images]])
+      -> images int32 [num_images, H, W, C]
+
+``labels`` exists only for a class-conditional model. ``sample`` is the cached sampler
+(XLA) in batches of the exported ``sample_batch_size``, so it gives the same integers as
+``pixelcnn.sample_fast(model, N, seed=(seed[0], seed[1]), batch_size=...)`` and as
+``pixelcnn sample --seed S`` for seed [0, S], with the same batch size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import tensorflow as tf
+
+from pixelcnn import likelihood, rundir, sampling
+from pixelcnn.model import PixelCNNPP
+
+__all__ = ["export"]
+
+
+class _Serving(tf.Module):
+    """The model's variables and the three serving functions."""
+
+    def __init__(self, model: PixelCNNPP, sample_batch_size: int):
+        super().__init__(name="pixelcnn")
+        # The Keras model stays untracked (Keras would add its own signature for its
+        # call); its variables, which the functions capture, are tracked here.
+        self._get_model = lambda: model
+        self.vars = [v.value if hasattr(v, "value") else v for v in model.weights]
+        self.batch = sample_batch_size
+        h, w, c = model.image_shape
+        images = tf.TensorSpec([None, h, w, c], tf.int32, name="images")
+        labels = tf.TensorSpec([None], tf.int32, name="labels")
+        count = tf.TensorSpec([], tf.int32, name="num_images")
+        seed = tf.TensorSpec([2], tf.int32, name="seed")
+        conditional = model.num_classes is not None
+        with_labels = (images, labels) if conditional else (images,)
+        self.log_prob = tf.function(
+            self._log_prob if conditional else lambda x: self._log_prob(x, None),
+            input_signature=with_labels,
+            autograph=False,
+        )
+        self.params = tf.function(
+            self._params if conditional else lambda x: self._params(x, None),
+            input_signature=with_labels,
+            autograph=False,
+        )
+        self.sample = tf.function(
+            self._sample if conditional else lambda n, s: self._sample(n, s, None),
+            input_signature=(count, seed, labels) if conditional else (count, seed),
+            autograph=False,
+        )
+
+    @property
+    def model(self) -> PixelCNNPP:
+        return self._get_model()
+
+    # ------------------------------------------------------------------ checks
+    def _checked_labels(self, labels, n):
+        """labels with assertions: [n] and in [0, num_classes) (not an all-zero one-hot)."""
+        k = self.model.num_classes
+        if k is None:
+            return None
+        checks = [
+            tf.debugging.assert_equal(
+                tf.shape(labels)[0], n, message="labels must hold one label per image"
+            ),
+            tf.debugging.assert_greater_equal(labels, 0, message=f"labels must be in [0, {k})"),
+            tf.debugging.assert_less(labels, k, message=f"labels must be in [0, {k})"),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(labels)
+
+    def _checked_images(self, images):
+        top = 2**self.model.num_bits
+        checks = [
+            tf.debugging.assert_greater_equal(images, 0, message=f"images must be in [0, {top})"),
+            tf.debugging.assert_less(images, top, message=f"images must be in [0, {top})"),
+        ]
+        with tf.control_dependencies(checks):
+            return tf.identity(images)
+
+    # ------------------------------------------------------------------ signatures
+    def _params(self, images, labels):
+        images = self._checked_images(images)
+        labels = self._checked_labels(labels, tf.shape(images)[0])
+        x = likelihood.to_unit_range(images, self.model.num_bits)
+        return {"params": self.model(x, labels, training=False)}
+
+    def _log_prob(self, images, labels):
+        images = self._checked_images(images)
+        labels = self._checked_labels(labels, tf.shape(images)[0])
+        x = likelihood.to_unit_range(images, self.model.num_bits)
+        params = self.model(x, labels, training=False)
+        lp = likelihood.mixture_log_prob(x, params, self.model.num_bits, validate=False)
+        return {"log_prob": lp, "bits_per_dim": likelihood.bits_per_dim(lp, self.model.image_shape)}
+
+    def _sample(self, num_images, seed, labels):
+        """sample_fast's computation with a run-time N: the same noise, the same batches."""
+        model, b = self.model, self.batch
+        h, w, c = model.image_shape
+        checks = [tf.debugging.assert_positive(num_images, message="num_images must be >= 1")]
+        with tf.control_dependencies(checks):
+            n = tf.identity(num_images)
+        labels = self._checked_labels(labels, n)
+        mix_u, logistic_u = likelihood.sampling_noise(
+            tf.stack([n, h, w]), c, model.num_mixtures, tf.cast(seed, tf.int64)
+        )
+        batches = (n + b - 1) // b
+        extra = batches * b - n
+
+        def batched(x, value):  # [n, ...] -> [batches, b, ...], filled as sampling does
+            pad = tf.concat([[[0, extra]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], 0)
+            x = tf.pad(x, pad, constant_values=tf.cast(value, x.dtype))
+            return tf.reshape(x, tf.concat([[batches, b], tf.shape(x)[1:]], 0))
+
+        fill = dict(zip(("labels", "mix_u", "logistic_u", "known", "mask"), sampling._FILL))
+        elems = [batched(mix_u, fill["mix_u"]), batched(logistic_u, fill["logistic_u"])]
+        if labels is not None:
+            elems.append(batched(labels, fill["labels"]))
+        generate = sampling._compiled(model, "fast_xla")
+        known = tf.zeros([b, h, w, c], tf.float32)
+        mask = tf.zeros([b, h, w], tf.bool)
+
+        def one_batch(args):
+            y = args[2] if labels is not None else None
+            return generate(y, args[0], args[1], known, mask)
+
+        out = tf.map_fn(one_batch, elems, fn_output_signature=tf.TensorSpec([b, h, w, c], tf.int32))
+        return {"images": tf.reshape(out, [-1, h, w, c])[:n]}
+
+
+def _readme(model, source: str, checkpoint: str, metrics: dict | None, batch: int) -> str:
+    h, w, c = model.image_shape
+    labels = model.num_classes is not None
+    lab = f", labels int32 [N] in [0, {model.num_classes})" if labels else ""
+    slab = ", labels int32 [num_images]" if labels else ""
+    last = "unknown (no metrics.json in the run directory)"
+    if metrics and metrics.get("test_bits_per_dim") is not None:
+        last = f"{metrics['test_bits_per_dim']:.4f} (step {metrics.get('step')})"
+    return f"""PixelCNN++ SavedModel, exported by pixelcnn from {source}
+checkpoint: {checkpoint}
+run's last test bits/dim (EMA weights): {last}
+images: {h}x{w}x{c}, {model.num_bits} bits per sub-pixel (integers in [0, {2**model.num_bits}))
+class-conditional: {f"yes, {model.num_classes} classes" if labels else "no"}
+
+Layout: 1/ is the SavedModel, version 1 of TensorFlow Serving's base-path layout
+(tensorflow_model_server --model_base_path=<this folder>). model.json is the
+architecture. Load it with TensorFlow alone (pixelcnn is not needed):
+
+    m = tf.saved_model.load("<this folder>/1")
+    out = m.signatures["log_prob"](images=tf.constant(x, tf.int32){", labels=..." if labels else ""})
+
+Signatures (keyword inputs; outputs are a dict):
+  log_prob: images int32 [N, {h}, {w}, {c}]{lab}
+            -> log_prob float32 [N] (nats per image), bits_per_dim float32 [N]
+  params:   the same inputs -> params float32 [N, {h}, {w}, {model.num_params}]: the raw
+            discretised logistic mixture parameters, [logits (K) | means (C*K) |
+            log_scales (C*K) | coeffs (C(C-1)/2*K)], K = {model.num_mixtures}
+  sample:   num_images int32 [], seed int32 [2]{slab}
+            -> images int32 [num_images, {h}, {w}, {c}], cached generation (XLA) in
+            batches of {batch}; the same seed gives the same images, the same integers as
+            `pixelcnn sample --seed S --batch-size {batch}` for seed [0, S].
+N may be any batch size. Values out of range (pixels, labels) are errors.
+"""
+
+
+def export(
+    source: str | os.PathLike | PixelCNNPP,
+    out_dir: str | os.PathLike,
+    checkpoint: str | None = None,
+    use_ema: bool = True,
+    sample_batch_size: int = sampling.BATCH_SIZE,
+) -> Path:
+    """Writes the SavedModel export of a run (or of a built model) to ``out_dir``.
+
+    Args:
+      source: a run directory (its newest good checkpoint, or ``checkpoint``; EMA
+        weights unless ``use_ema=False``) or a ``PixelCNNPP``.
+      out_dir: the folder to create (it must not exist or be empty).
+      sample_batch_size: images per compiled call of the ``sample`` signature.
+    Returns:
+      the SavedModel's path, out_dir/1.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder: pick a new one")
+    batch = sampling.check_batch_size(sample_batch_size)
+    metrics = None
+    if isinstance(source, PixelCNNPP):
+        model, where, ckpt = source, "a PixelCNNPP in memory", "none (weights in memory)"
+        if not model.built:
+            raise ValueError("the model has no weights yet: train or load it first")
+    else:
+        run_dir = Path(source)
+        model, ckpt = rundir.load_for_inference(run_dir, checkpoint, use_ema)
+        where = f"{run_dir} ({'EMA' if use_ema else 'raw'} weights)"
+        if (run_dir / "metrics.json").exists():
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+    serving = _Serving(model, batch)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tf.saved_model.save(
+        serving,
+        str(tmp / "1"),
+        signatures={
+            "log_prob": serving.log_prob.get_concrete_function(),
+            "params": serving.params.get_concrete_function(),
+            "sample": serving.sample.get_concrete_function(),
+        },
+    )
+    summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
+    (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (tmp / "README.txt").write_text(_readme(model, where, str(ckpt), metrics, batch))
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir / "1"

@@ -1,0 +1,133 @@
+"""Lossless compression: exact round trips, coded length against the likelihood, and
+every kind of bad file as one clear error."""
+
+import functools
+import hashlib
+import struct
+
+import keras
+import numpy as np
+import pytest
+
+from pixelcnn import PixelCNNPP, codec, sampling
+from pixelcnn.likelihood import to_unit_range
+
+BATCH = 4  # coding batch in these tests; the image counts below are not multiples of it
+
+
+@functools.cache
+def model(shape, bits, classes=None, seed=0):
+    """A tiny model after data-dependent init (random weights, realistic scales)."""
+    keras.utils.set_random_seed(seed)
+    m = PixelCNNPP(
+        image_shape=shape,
+        residual_blocks=2,
+        residual_layers_per_block=1,
+        filters=8,
+        num_mixtures=3,
+        dropout_rate=0.0,
+        num_classes=classes,
+        num_bits=bits,
+    )
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 2**bits, (8, *shape))
+    m.initialize(to_unit_range(images, bits), rng.integers(0, classes, 8) if classes else None)
+    return m
+
+
+def data(m, n, seed=1):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 2**m.num_bits, (n, *m.image_shape)).astype(np.uint8)
+    labels = rng.integers(0, m.num_classes, n) if m.num_classes else None
+    return images, labels
+
+
+@pytest.mark.parametrize(
+    "shape, bits, classes",
+    [((6, 5, 1), 8, None), ((4, 4, 2), 8, None), ((5, 4, 3), 5, None), ((4, 5, 3), 8, 3)],
+    ids=["C1_b8", "C2_b8", "C3_b5", "C3_b8_conditional"],
+)
+def test_round_trip_is_exact(shape, bits, classes):
+    m = model(shape, bits, classes)
+    images, labels = data(m, 7)
+    blob = codec.encode(m, images, labels, batch_size=BATCH)
+    out, out_labels = codec.decode(m, blob)
+    np.testing.assert_array_equal(out, images)
+    assert out.dtype == np.int32 and out.shape == images.shape
+    if classes:
+        np.testing.assert_array_equal(out_labels, labels)
+    else:
+        assert out_labels is None
+    header = codec.read_header(blob)
+    assert header["batch_size"] == BATCH and len(header["batch_words"]) == 2
+
+
+def test_coded_length_is_the_models_information_content():
+    """On images the model itself drew (so no value sits in a tail the floor would cut),
+    the payload is -log2 p from model.log_prob plus at most the coder's flush per batch
+    and 1% for the fixed-point probabilities."""
+    m = model((6, 6, 1), 8)
+    images = sampling.sample_fast(m, 9, seed=(3, 1), batch_size=BATCH, jit_compile=False).numpy()
+    ideal = -m.log_prob(images).numpy().astype(np.float64).sum() / np.log(2.0)
+    header = codec.read_header(codec.encode(m, images, batch_size=BATCH))
+    payload = 32 * sum(header["batch_words"])
+    batches = len(header["batch_words"])
+    assert ideal - 1 <= payload <= 1.01 * ideal + 64 * batches, (payload, ideal)
+
+
+@pytest.fixture(scope="module")
+def coded():
+    m = model((6, 5, 1), 8)
+    images, _ = data(m, 7)
+    return m, images, codec.encode(m, images, batch_size=BATCH)
+
+
+def _resealed(blob: bytes) -> bytes:
+    """blob with its trailing SHA-256 recomputed (as if the damage were deliberate)."""
+    body = blob[:-32]
+    return body + hashlib.sha256(body).digest()
+
+
+def test_damaged_files_are_clear_errors(coded):
+    m, images, blob = coded
+    with pytest.raises(codec.CodecError, match="damaged"):
+        codec.decode(m, blob[:-100])
+    flipped = bytearray(blob)
+    flipped[len(blob) - 40] ^= 0x10  # a coded word
+    with pytest.raises(codec.CodecError, match="damaged"):
+        codec.decode(m, bytes(flipped))
+    with pytest.raises(codec.CodecError, match="not a pixelcnn compressed file"):
+        codec.decode(m, b"\x89PNG" + blob[4:])
+    newer = bytearray(blob)
+    struct.pack_into("<H", newer, 8, 2)
+    with pytest.raises(codec.CodecError, match="format version 2 is not known"):
+        codec.decode(m, bytes(newer))
+
+
+def test_a_decode_that_does_not_verify_is_never_returned(coded):
+    m, images, blob = coded
+    altered = bytearray(blob)
+    altered[len(blob) - 40] ^= 0x10
+    with pytest.raises(codec.CodecError, match="do not match the checksum"):
+        codec.decode(m, _resealed(bytes(altered)))
+
+
+def test_another_model_is_refused(coded):
+    m, images, blob = coded
+    other = model((6, 5, 1), 8, seed=1)
+    with pytest.raises(codec.CodecError, match="another model"):
+        codec.decode(other, blob)
+
+
+def test_bad_inputs_are_clear_errors():
+    m = model((6, 5, 1), 8)
+    images, _ = data(m, 2)
+    with pytest.raises(ValueError, match="shape"):
+        codec.encode(m, images[:, :5])
+    with pytest.raises(ValueError, match=r"\[0, 256\)"):
+        codec.encode(m, images.astype(np.int32) + 255)
+    with pytest.raises(ValueError, match="unconditional"):
+        codec.encode(m, images, labels=[0, 1])
+    cond = model((4, 5, 3), 8, 3)
+    with pytest.raises(ValueError, match="class-conditional"):
+        codec.encode(cond, data(cond, 2)[0])
