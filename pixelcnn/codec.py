@@ -23,7 +23,7 @@ File format (version 1), little-endian:
     8 bytes   magic b"PCNNCODE"
     2 bytes   format version (uint16) = 1
     4 bytes   header length L (uint32)
-    L bytes   header, UTF-8 JSON (fields: ``_header``)
+    L bytes   header: UTF-8 JSON (the fields ``encode`` writes), zlib-compressed
     4 W bytes the coded words (uint32) of every batch, batch after batch
     32 bytes  SHA-256 of everything before it
 
@@ -37,6 +37,7 @@ import json
 import platform
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -273,7 +274,7 @@ def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
         "floor": FLOOR,
         **_stack(),
     }
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
     body = _PREFIX.pack(MAGIC, VERSION, len(text)) + text + b"".join(w.tobytes() for w in words)
     return body + hashlib.sha256(body).digest()
 
@@ -303,8 +304,8 @@ def read_header(data: bytes) -> dict:
     if hashlib.sha256(data[:-32]).digest() != data[-32:]:
         raise CodecError("the file is damaged: its SHA-256 does not match (truncated or altered)")
     try:
-        header = json.loads(data[_PREFIX.size : _PREFIX.size + length].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = json.loads(zlib.decompress(data[_PREFIX.size : _PREFIX.size + length]))
+    except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CodecError(f"the file's header cannot be read: {e}") from e
     words = data[_PREFIX.size + length : -32]
     if len(words) != 4 * sum(header["batch_words"]):

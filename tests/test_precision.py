@@ -18,7 +18,7 @@ def digits(n_train=1024, n_test=256):
     return images[:n_train], images[n_train : n_train + n_test]
 
 
-def train_and_evaluate(precision, train_images, test_images, steps=300, batch=32):
+def train_and_evaluate(precision, train_images, test_images, steps=100, batch=32):
     def model_fn(dtype):
         return PixelCNNPP(
             SHAPE,
@@ -50,6 +50,10 @@ def train_and_evaluate(precision, train_images, test_images, steps=300, batch=32
         .batch(128)
         .map(lambda v: {"images": to_x(v)})
     )
+    if precision == "bfloat16":  # the weights the optimizer updates stay float32
+        assert trainer.model.compute_dtype == "bfloat16"
+        assert {v.dtype for v in trainer.model.trainable_variables} == {"float32"}
+        assert {v.dtype for v in trainer.ema.trainable_variables} == {"float32"}
     return trainer.bits_per_dim(trainer.evaluate(test))
 
 
@@ -60,8 +64,8 @@ def test_bfloat16_training_matches_float32_bits_per_dim():
     # 8 bits/dim is a uniform guess: the model must have learned for the comparison to mean much
     assert fp32 < 4.5
     print(f"test bits/dim: float32 {fp32:.4f}, bfloat16 {bf16:.4f}")
-    # Two-sided, as the likelihood should not depend on the precision either way. At
-    # batch 32 the two runs differ by about 0.01 bits/dim (measured here: float32
-    # 3.594 / 3.595, bfloat16 3.583 / 3.585 for seeds 0 / 1); at batch 16, gradient noise
-    # alone moved either precision's result by up to 0.1 from one seed to the next.
-    assert abs(bf16 - fp32) < 0.02, (fp32, bf16)
+    # Two-sided, as the likelihood should not depend on the precision either way. The
+    # same initial weights and batches: after 100 steps the two runs differ by 0.018
+    # bits/dim (float32 3.846, bfloat16 3.828), after 300 by about 0.01 (3.594 and
+    # 3.583).
+    assert abs(bf16 - fp32) < 0.04, (fp32, bf16)
