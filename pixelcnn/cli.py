@@ -98,8 +98,11 @@ def _train(ctx, kind: str, device: str | None = None) -> None:
     try:
         result = training.train(run_dir, strategy)
     except training.TrainingInterrupted as e:
-        click.echo(str(e), err=True)
+        click.echo(e.message, err=True)
         sys.exit(130)
+    except training.WorkerLost as e:
+        click.echo(f"Error: {e.message}", err=True)
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(json.dumps(result, indent=2))

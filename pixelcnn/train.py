@@ -13,8 +13,10 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -226,11 +228,19 @@ class Trainer:
 
 # ---------------------------------------------------------------------------- the loop
 class _StopRequested:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step.
+
+    In a multi-worker run ``forward_sigint()`` hands SIGINT to TF's preemption handler
+    as a SIGTERM instead (``_Preemption``), which owns SIGTERM there.
+    """
 
     def __init__(self):
         self.signal = None
         self._old = {}
+        self._forward = False
+
+    def forward_sigint(self) -> None:
+        self._forward = True
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -241,6 +251,9 @@ class _StopRequested:
         return self
 
     def _handle(self, signum, frame):
+        if self._forward and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         self.signal = signum
 
     def __exit__(self, *exc):
@@ -256,6 +269,73 @@ class SignalReceived(Exception):
 
 class TrainingInterrupted(Exception):
     """Raised after a SIGINT/SIGTERM, once the checkpoint is saved."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message  # str(self) gains gin's "In call to configurable" line
+
+
+class _Preempted(Exception):
+    """Raised by the preemption handler's exit_fn once every worker has saved."""
+
+
+class WorkerLost(RuntimeError):
+    """A multi-worker run lost a worker (killed, crashed, unreachable)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class _Preemption:
+    """A multi-worker run's answer to SIGTERM (or SIGINT) sent to any one worker.
+
+    TF's ``PreemptionCheckpointHandler`` owns SIGTERM: the worker that receives it
+    announces a step through the coordination service, every worker stops after that
+    step, saves (the chief into the run's checkpoints, the others into scratch
+    directories) and raises ``_Preempted``. It counts its calls (one per training step
+    of this invocation), so it is given an empty checkpoint of its own in a directory
+    nothing is written to: the run's checkpoints are read and written by
+    ``_Checkpoints`` alone. Single-process runs keep ``_StopRequested``'s handling.
+    """
+
+    def __init__(self, strategy, checkpoints: _Checkpoints, run_dir: Path, stop):
+        resolver = getattr(strategy, "cluster_resolver", None)
+        self.handler = None
+        self.step = None
+        if resolver is None or not resolver.cluster_spec().jobs:
+            return
+        self.checkpoints = checkpoints
+        self.scratch = run_dir / f"workertemp_{distribute.task_id(strategy)}"
+        config = tf.distribute.experimental.TerminationConfig(
+            exit_fn=self._exit, save_fn=self._save
+        )
+        self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
+            resolver, tf.train.Checkpoint(), str(run_dir / "preemption"), config
+        )
+        stop.forward_sigint()
+
+    def _save(self, *args, **kwargs) -> None:
+        self.step = _value(self.checkpoints.trainer.step)
+        print(self.checkpoints.save(f"preemption at step {self.step}"), flush=True)
+
+    def _exit(self) -> None:
+        raise _Preempted()
+
+    def after_step(self) -> None:
+        """Saves and raises _Preempted at the step the cluster agreed on."""
+        if self.handler is not None:
+            self.handler.save_checkpoint_if_preempted()
+
+    def close(self) -> None:
+        """Stops the handler's thread that watches the cluster while every worker is
+        still up (else it fails, with a traceback, once the chief has exited). TF stops
+        it only in the handler's __del__, which that thread's reference keeps from
+        running."""
+        if self.handler is not None:
+            self.handler._stop_cluster_wise_termination_watcher_thread()
+            if not self.checkpoints.chief:  # the handler's own scratch folder
+                shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @gin.configurable(denylist=["run_dir", "strategy"])
@@ -355,6 +435,7 @@ def train(
     stopped = None
     with _StopRequested() as stop:
         run = _Run(trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size, stop)
+        run.preemption = _Preemption(strategy, checkpoints, run_dir, stop)
         try:
             while stopped is None and _value(trainer.epoch) < max_epoch:
                 if max_steps is not None and _value(trainer.step) >= max_steps:
@@ -369,10 +450,11 @@ def train(
                     trainer.step_in_epoch.assign(0)
                 run.evaluate()
                 if stopped is None and _value(trainer.epoch) % log_images_every == 0 and chief:
-                    run.log_samples(images_to_log, seed)  # one call: not interruptible
+                    run.log_samples(images_to_log, seed)
                 checkpoints.save(f"epoch {_value(trainer.epoch)}")
                 if stop.signal is not None:  # arrived while sampling or saving
                     raise SignalReceived("the end of an epoch")
+            run.preemption.close()
             if not run.evaluations or run.evaluations[-1]["step"] != _value(trainer.step):
                 run.evaluate()
         except SignalReceived as during:
@@ -380,9 +462,19 @@ def train(
             if checkpoints.saved_step != step:
                 print(checkpoints.save(f"signal {stop.signal} during {during} at step {step}"))
             raise TrainingInterrupted(
-                f"stopped by signal {stop.signal} at step {step} (checkpoint saved); rerun "
-                "the same command with the same --log-dir to resume"
+                f"stopped by signal {stop.signal} during {during} at step {step} (checkpoint "
+                "saved); rerun the same command with the same --log-dir to resume"
             ) from None
+        except _Preempted:
+            raise TrainingInterrupted(
+                f"stopped at step {run.preemption.step}, where every worker stopped after a "
+                "signal to one of them (the chief saved a checkpoint there); rerun the same "
+                "commands on every worker, with the same --log-dir, to resume"
+            ) from None
+        except tf.errors.OpError as e:
+            if run.preemption.handler is None:
+                raise
+            raise WorkerLost(_lost_worker_message(e, run_dir)) from None
     # A budget stop draws no final grid: its time is not in the estimate.
     if not run.samples and chief and stopped != "max_minutes":
         run.log_samples(images_to_log, seed)
@@ -395,6 +487,28 @@ def train(
     if chief:
         rundir.write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _lost_worker_message(error: tf.errors.OpError, run_dir: Path) -> str:
+    """What a worker says when a collective failed because another one went away."""
+    text = error.message or str(error)
+    tasks = sorted(set(re.findall(r"/job:\w+/replica:\d+/task:\d+", text)))
+    who = ", ".join(tasks) if tasks else "another worker"
+    if "stopped sending heartbeats" in text:
+        why = "it stopped sending heartbeats: killed, crashed or unreachable"
+    else:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        why = f"{type(error).__name__}: {(lines[-1] if lines else '')[:300]}"
+    candidates = rundir.checkpoint_candidates(run_dir)
+    resume = (
+        f"the newest checkpoint is {candidates[0]}"
+        if candidates
+        else "the run has no checkpoint yet"
+    )
+    return (
+        f"lost contact with {who} ({why}). {resume}; start every worker again with the "
+        "same command and --log-dir to resume"
+    )
 
 
 def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes) -> None:
@@ -545,6 +659,7 @@ class _Run:
         self.evaluations, self.samples = [], []
         self.eval_seconds = None  # how long the last evaluation took
         self.stop = stop  # the loop's _StopRequested
+        self.preemption = None  # set by train(): the multi-worker _Preemption
 
     def evaluate(self) -> dict:
         """Test bits/dim with the EMA and the raw weights; console, TensorBoard, result."""
@@ -574,11 +689,31 @@ class _Run:
         return entry
 
     def log_samples(self, count: int, seed: int) -> None:
-        if count:
-            step = _value(self.trainer.step)
-            path, grid = log_samples(self.trainer.ema, self.run_dir, count, seed, step)
-            self.summaries.image("samples", grid, step)
-            self.samples.append(str(path))
+        """Draws and writes the sample grid. It runs in a thread the loop watches, so a
+        signal abandons it within a fraction of a second (the first draw compiles the
+        sampler: seconds to a minute that a preemption's grace period may not have)."""
+        if not count:
+            return
+        step = _value(self.trainer.step)
+        done = {}
+
+        def draw():
+            try:
+                done["result"] = log_samples(self.trainer.ema, self.run_dir, count, seed, step)
+            except Exception as e:  # raised again in the loop's thread
+                done["error"] = e
+
+        thread = threading.Thread(target=draw, name="log_samples", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if self.stop.signal is not None:
+                raise SignalReceived("sample logging")
+        if "error" in done:
+            raise done["error"]
+        path, grid = done["result"]
+        self.summaries.image("samples", grid, step)
+        self.samples.append(str(path))
 
     def result(self) -> dict:
         last = self.evaluations[-1] if self.evaluations else {}
@@ -671,6 +806,8 @@ def _train_epoch(
                 learning_rate=trainer.schedule(step - 1),
                 images_per_sec=count / seconds,
             )
+            if run.preemption is not None:
+                run.preemption.after_step()
             if eval_every_steps and step % eval_every_steps == 0:
                 run.evaluate()
                 tick = time.monotonic()

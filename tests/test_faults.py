@@ -143,3 +143,95 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
         rundir.load_for_inference(run)
     with pytest.raises(rundir.NoGoodCheckpoint, match="can be read"):
         train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=6)
+
+
+# ---------------------------------------------------------------------------- workers
+def start_workers(run_dir, max_steps, log_dir):
+    """Two multiworker processes of the tiny config on 127.0.0.1 (main.py, as a user)."""
+    import json
+    import subprocess
+    import sys
+
+    from test_train import ROOT, free_ports
+
+    workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+        env["TF_CONFIG"] = json.dumps(
+            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
+        )
+        command = [
+            sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
+            "--binding", f"train.max_steps = {max_steps}", "--binding", "train.images_to_log = 0",
+            "--binding", "embedded_mnist.test_size = 16", "--log-dir", str(run_dir), "multiworker",
+        ]  # fmt: skip
+        log = open(log_dir / f"worker{i}.log", "w")  # noqa: SIM115 (closed with the process)
+        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def wait_for_training(run_dir, procs, before=0, seconds=3.0):
+    """Until the chief has opened a new training summary file (there were ``before``),
+    then ``seconds`` more."""
+    began = time.monotonic()
+    while len(list((run_dir / "train").glob("events.*"))) <= before:
+        assert all(p.poll() is None for p in procs), "a worker exited before training"
+        assert time.monotonic() - began < 180, "the workers did not start training"
+        time.sleep(0.2)
+    time.sleep(seconds)
+
+
+def test_a_signal_to_one_worker_stops_every_worker_at_one_step_then_resume_and_a_kill(tmp_path):
+    """SIGTERM to worker 1 mid-epoch: both workers stop after the same step, the chief's
+    checkpoint holds it, both exit 130 saying how to resume. The same commands resume
+    there; SIGKILL of worker 1 then makes the chief exit within a minute with an error
+    that names the lost worker and the checkpoint to resume from."""
+    import re
+
+    run_dir = tmp_path / "run"
+    procs = start_workers(run_dir, 100_000, tmp_path)
+    wait_for_training(run_dir, procs)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=60) for p in procs]
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert codes == [130, 130], logs
+    steps = {int(m) for log in logs for m in re.findall(r"stopped at step (\d+)", log)}
+    assert len(steps) == 1, logs
+    (step,) = steps
+    assert "rerun the same commands on every worker" in logs[0]
+    assert rundir.checkpoint_candidates(run_dir)[0].endswith(f"ckpt-{step}")
+    assert not (run_dir / "tmp_worker_1").exists() and not (run_dir / "workertemp_1").exists()
+
+    before = len(list((run_dir / "train").glob("events.*")))
+    procs = start_workers(run_dir, 100_000, tmp_path)
+    wait_for_training(run_dir, procs, before, seconds=1.0)
+    procs[1].kill()
+    began = time.monotonic()
+    assert procs[0].wait(timeout=60) == 1
+    assert time.monotonic() - began < 60
+    procs[1].wait()
+    chief = (tmp_path / "worker0.log").read_text()
+    assert f"resumed from {run_dir / 'checkpoints' / f'ckpt-{step}'} at step {step}" in chief
+    assert "lost contact with /job:worker/replica:0/task:1" in chief, chief[-3000:]
+    assert f"the newest checkpoint is {run_dir / 'checkpoints'}" in chief
+    assert "Traceback" not in chief
+
+
+def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, monkeypatch):
+    """The epoch-end grid (its first draw compiles the sampler, up to a minute) is
+    abandoned at a signal: the weights are saved and the run exits within a second."""
+    signalled = []
+
+    def slow_grid(*args):
+        signalled.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # a long compile, in the drawing thread
+
+    monkeypatch.setattr(training, "log_samples", slow_grid)
+    gin.bind_parameter("train.images_to_log", 2)
+    with pytest.raises(training.TrainingInterrupted, match="sample logging"):
+        train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=1)
+    assert time.monotonic() - signalled[0] < 2.0
+    latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert int(latest.rsplit("-", 1)[1]) == 2  # both steps of the epoch are saved

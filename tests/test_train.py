@@ -310,7 +310,7 @@ def test_max_minutes_stops_in_time_with_a_final_evaluation_and_checkpoint(tmp_pa
         return x.repeat().batch(batch_size), x.take(16).batch(batch_size)
 
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    budget = 0.3  # minutes
+    budget = 0.5  # minutes
     began = time.monotonic()
     result = training.train(
         tmp_path, one, dataset_fn=endless, batch_size=8, max_minutes=budget, progress=False
