@@ -131,3 +131,22 @@ def test_bad_inputs_are_clear_errors():
     cond = model((4, 5, 3), 8, 3)
     with pytest.raises(ValueError, match="class-conditional"):
         codec.encode(cond, data(cond, 2)[0])
+
+
+def test_another_stack_is_warned_about_before_decoding(coded):
+    """A file written with another TensorFlow version decodes with a warning first (here
+    the probabilities are the same, so the checksum then passes)."""
+    import json
+    import zlib
+
+    m, images, blob = coded
+    _, version, length = struct.unpack_from("<8sHI", blob)
+    start = struct.calcsize("<8sHI")
+    header = json.loads(zlib.decompress(blob[start : start + length]))
+    header["tensorflow"] = "2.99.0"
+    text = zlib.compress(json.dumps(header).encode())
+    body = struct.pack("<8sHI", b"PCNNCODE", version, len(text)) + text
+    other = _resealed(body + blob[start + length :])
+    with pytest.warns(UserWarning, match="tensorflow: 2.99.0 there"):
+        out, _ = codec.decode(m, other)
+    np.testing.assert_array_equal(out, images)
