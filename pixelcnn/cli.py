@@ -170,6 +170,7 @@ def _load(ctx, checkpoint, raw=False, strategy=None):
     except FileNotFoundError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"loaded {'raw' if raw else 'EMA'} weights from {path}", err=True)
+    ctx.obj["loaded"] = f"run {run_dir}, checkpoint {path}, {'raw' if raw else 'EMA'} weights"
     return run_dir, model
 
 
@@ -210,6 +211,11 @@ def _integer_batches(ctx, run_dir, model, split, npz, folder, batch_size):
             arrays = (
                 data.load_npz(npz) if npz else data.load_image_folder(folder, model.image_shape)
             )
+            if npz and model.num_classes and not data.npz_has_labels(npz):
+                raise ValueError(
+                    f"the model is class-conditional ({model.num_classes} classes) but the "
+                    "file has no 'labels': add one label per image"
+                )
             ds = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
         else:
             ds = _run_dataset(ctx, run_dir, batch_size, split)
@@ -516,8 +522,11 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
     """Losslessly compress images with the model (range coding at its likelihood)."""
     import time
 
+    import tensorflow as tf
+
     from pixelcnn import codec, scoring
 
+    tf.config.experimental.enable_op_determinism()  # the same kernels when decoding
     run_dir, model = _load(ctx, checkpoint, raw_weights)
     batches = _integer_batches(ctx, run_dir, model, split, npz, folder, 256)
     try:
@@ -527,15 +536,27 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
     labels = labels if model.num_classes else None
     start = time.perf_counter()
     try:
-        data = codec.encode(model, images, labels, batch_size or codec.BATCH_SIZE)
+        data = codec.encode(
+            model, images, labels, batch_size or codec.BATCH_SIZE, weights=ctx.obj["loaded"]
+        )
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     seconds = time.perf_counter() - start
-    out = Path(output)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
-    _report(f"compressed to {out}:", len(data), model, images, labels, seconds)
+    _write_atomic(Path(output), lambda tmp: tmp.write_bytes(data))
+    _report(f"compressed to {output}:", len(data), model, images, labels, seconds)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp) into a temporary file beside ``path``, then renamed to it; a folder or
+    permission problem is one clear message."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {path}: {e}") from e
 
 
 def _png_mode(channels: int, num_bits: int):
@@ -581,39 +602,39 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
     import warnings
 
     import numpy as np
+    import tensorflow as tf
 
     from pixelcnn import codec
 
+    tf.config.experimental.enable_op_determinism()  # as `compress` ran
     data = Path(source).read_bytes()
     try:
         codec.read_header(data)
     except codec.CodecError as e:
         raise click.ClickException(f"{source}: {e}") from e
+    if png_dir and Path(png_dir).exists() and any(Path(png_dir).iterdir()):
+        raise click.ClickException(f"--png-dir {png_dir} is not empty: pick a new folder")
     run_dir, model = _load(ctx, checkpoint, raw_weights)
     if png_dir:
         _png_mode(model.image_shape[-1], model.num_bits)  # before any work
     start = time.perf_counter()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        # a warning (another software stack) is shown before decoding starts
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *_: click.echo(f"warning: {message}", err=True)
+        try:
             images, labels = codec.decode(model, data)
-    except codec.CodecError as e:
-        raise click.ClickException(f"{source}: {e}") from e
-    finally:
-        for w in caught:
-            click.echo(f"warning: {w.message}", err=True)
+        except codec.CodecError as e:
+            raise click.ClickException(f"{source}: {e}") from e
     seconds = time.perf_counter() - start
     dtype = np.uint8 if model.num_bits <= 8 else np.uint16
     arrays = {"images": images.astype(dtype)}
     if labels is not None:
         arrays["labels"] = labels
-    out = Path(output)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out)
+    _write_atomic(Path(output), lambda tmp: np.savez_compressed(tmp, **arrays))
     if png_dir:
         _write_pngs(Path(png_dir), images, model.num_bits)
-    _report(f"decompressed {source} to {out}:", len(data), model, images, labels, seconds)
+    _report(f"decompressed {source} to {output}:", len(data), model, images, labels, seconds)
 
 
 def _read_images(paths, model):

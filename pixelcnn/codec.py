@@ -14,9 +14,10 @@ each pixel the network's output goes to one Python function (``_PixelCoder``) th
 builds the probability tables in float64 NumPy, then codes the known values (encoder) or
 decodes them (decoder), and returns them as the pixel's value. The decoder therefore
 sees the same network inputs, hence the same float32 outputs and tables, as the encoder,
-provided the software and hardware stack is the same (TensorFlow version, CPU or GPU
-kind): the file records both, decoding on another stack warns first, and the SHA-256 of
-the original pixels it stores decides whether a decode is right.
+provided the software and hardware stack is the same (``STACK_FIELDS``: TensorFlow,
+constriction and NumPy versions, CPU and GPU models, thread count, op determinism): the
+file records it, decoding on another stack warns first, and the SHA-256 of the original
+pixels it stores decides whether a decode is right.
 
 File format (version 1), little-endian:
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import struct
 import warnings
@@ -211,7 +213,8 @@ def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
 
 
 def device_description() -> str:
-    """What the probabilities were computed on: CPU model (and GPUs, when visible)."""
+    """What the probabilities were computed on: the CPU model, and the GPUs' models
+    when TensorFlow sees any (the network then runs on the first)."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -220,11 +223,15 @@ def device_description() -> str:
                 break
     except OSError:
         pass
-    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    gpus = [
+        tf.config.experimental.get_device_details(g).get("device_name", g.name)
+        for g in tf.config.list_physical_devices("GPU")
+    ]
     return f"{platform.machine()} {cpu}" + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
 
 
 def _stack() -> dict:
+    """The software and hardware the probabilities depend on (the header records it)."""
     from importlib.metadata import version
 
     return {
@@ -232,10 +239,27 @@ def _stack() -> dict:
         "constriction": version("constriction"),
         "numpy": np.__version__,
         "device": device_description(),
+        # CPU kernels may split a reduction differently with another thread count
+        "threads": f"{os.cpu_count()} cores, intra-op "
+        f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}",
+        "op_determinism": _op_determinism(),
     }
 
 
-def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
+def _op_determinism() -> bool:
+    """Whether tf.config.experimental.enable_op_determinism() is in effect (TensorFlow
+    exports the setter only; the getter is in its config module)."""
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
+STACK_FIELDS = ("tensorflow", "constriction", "numpy", "device", "threads", "op_determinism")
+
+
+def encode(
+    model, images, labels=None, batch_size: int = BATCH_SIZE, weights: str | None = None
+) -> bytes:
     """Losslessly compresses integer images with ``model``'s distribution.
 
     Args:
@@ -243,8 +267,14 @@ def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
       images: int [N, H, W, C] in [0, 2**bits) of the model's shape.
       labels: int [N] in [0, num_classes) for a class-conditional model, else None.
       batch_size: images per coding batch; the decoder uses the one in the header.
+      weights: where the weights came from (run, checkpoint, EMA or raw), recorded in
+        the header so that a decode with other weights can say which ones it needs.
     Returns:
       the file's bytes (format: module docstring).
+
+    On a GPU, call ``tf.config.experimental.enable_op_determinism()`` before encoding
+    and decoding (the commands do): cuDNN may otherwise pick different convolution
+    algorithms in the two processes. The header records whether it was on.
     """
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
@@ -252,7 +282,7 @@ def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
     contract.check_integer_images(images, model.image_shape, model.num_bits, "images")
     batch_size = sampling.check_batch_size(batch_size)
     n = len(images)
-    labels = _checked_labels(model, labels, n)
+    labels = contract.model_labels(model.num_classes, labels, n)
     import constriction
 
     coders = [constriction.stream.queue.RangeEncoder() for _ in range(-(-n // batch_size))]
@@ -268,6 +298,7 @@ def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
         "labels": None if labels is None else [int(y) for y in labels],
         "batch_size": batch_size,
         "batch_words": [len(w) for w in words],
+        "weights": weights,
         "weights_sha256": weights_fingerprint(model),
         "pixels_sha256": _pixels_fingerprint(images, labels),
         "coder": "constriction RangeEncoder (queue), Categorical(perfect=False)",
@@ -279,34 +310,42 @@ def encode(model, images, labels=None, batch_size: int = BATCH_SIZE) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def _checked_labels(model, labels, n):
-    if model.num_classes is None:
-        if labels is not None:
-            raise ValueError("this model is unconditional (num_classes=None): pass labels=None")
-        return None
-    if labels is None:
-        raise ValueError(
-            f"this model is class-conditional (num_classes={model.num_classes}): pass labels"
-        )
-    return contract.check_labels(np.asarray(labels), n, model.num_classes, "labels")
+_FIELDS = {
+    "version": int, "image_shape": list, "num_bits": int, "count": int, "batch_size": int,
+    "batch_words": list, "weights_sha256": str, "pixels_sha256": str,
+}  # fmt: skip
 
 
 def read_header(data: bytes) -> dict:
-    """The header of a coded file, after checking its magic, version and SHA-256."""
+    """The header of a coded file, after checking its magic, SHA-256 and version."""
     if len(data) < _PREFIX.size + 32 or data[:8] != MAGIC:
         raise CodecError("not a pixelcnn compressed file (no PCNNCODE magic at its start)")
     _, version, length = _PREFIX.unpack_from(data)
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        if version != VERSION:
+            raise CodecError(
+                f"the file is damaged, or of a format version ({version}) this pixelcnn "
+                f"does not know (it reads version {VERSION})"
+            )
+        raise CodecError("the file is damaged: its SHA-256 does not match (truncated or altered)")
     if version != VERSION:
         raise CodecError(
             f"format version {version} is not known to this pixelcnn (it reads version "
             f"{VERSION}): decode with the pixelcnn version that wrote the file"
         )
-    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
-        raise CodecError("the file is damaged: its SHA-256 does not match (truncated or altered)")
     try:
         header = json.loads(zlib.decompress(data[_PREFIX.size : _PREFIX.size + length]))
     except (zlib.error, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CodecError(f"the file's header cannot be read: {e}") from e
+    wrong = [k for k, kind in _FIELDS.items() if not isinstance(header.get(k), kind)]
+    if wrong or header["count"] < 1 or header["batch_size"] < 1:
+        raise CodecError(f"the file's header is incomplete or wrong (fields {wrong or 'count'})")
+    batches = -(-header["count"] // header["batch_size"])
+    labels = header.get("labels")
+    if len(header["batch_words"]) != batches or (
+        labels is not None and len(labels) != header["count"]
+    ):
+        raise CodecError("the file's header does not add up (batches or labels against count)")
     words = data[_PREFIX.size + length : -32]
     if len(words) != 4 * sum(header["batch_words"]):
         raise CodecError("the file's length does not match its header (truncated or altered)")
@@ -323,30 +362,29 @@ def decode(model, data: bytes):
     """
     header = read_header(data)
     if header["weights_sha256"] != weights_fingerprint(model):
+        source = f" ({header['weights']})" if header.get("weights") else ""
         raise CodecError(
             "the file was written with another model (its weights' SHA-256 differs): "
-            "decode with the run and checkpoint that compressed it"
+            f"decode with the run, checkpoint and weights that compressed it{source}"
         )
     shape = (*header["image_shape"],)
     if shape != tuple(model.image_shape) or header["num_bits"] != model.num_bits:
         raise CodecError(f"the file holds {shape} images of {header['num_bits']} bits")
     stack = _stack()
-    changed = [
-        k for k in ("tensorflow", "constriction", "numpy", "device") if header[k] != stack[k]
-    ]
+    changed = [k for k in STACK_FIELDS if header.get(k) != stack[k]]
     if changed:
         warnings.warn(
             "the file was written on another stack ("
-            + "; ".join(f"{k}: {header[k]} there, {stack[k]} here" for k in changed)
+            + "; ".join(f"{k}: {header.get(k)} there, {stack[k]} here" for k in changed)
             + "): the probabilities may differ, and the decode may not verify",
             stacklevel=2,
         )
     import constriction
 
-    labels = header["labels"]
-    labels = None if labels is None else np.asarray(labels, np.int32)
-    if (labels is None) != (model.num_classes is None):
-        raise CodecError("the file's labels do not fit this model (conditional or not)")
+    try:
+        labels = contract.model_labels(model.num_classes, header.get("labels"), header["count"])
+    except ValueError as e:
+        raise CodecError(f"the file's labels do not fit this model: {e}") from e
     at = header["_words_at"]
     coders = []
     for count in header["batch_words"]:

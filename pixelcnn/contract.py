@@ -259,6 +259,23 @@ def check_integer_levels(arr: np.ndarray, num_bits: int, where: str) -> None:
     )
 
 
+def model_labels(num_classes: int | None, labels, n: int, where: str = "labels"):
+    """The labels a model of ``num_classes`` takes for n images: None for an
+    unconditional model (which must get None), else int32 [n] in [0, num_classes)."""
+    if num_classes is None:
+        if labels is not None:
+            raise ValueError("this model is unconditional (num_classes=None): pass labels=None")
+        return None
+    if labels is None:
+        raise ValueError(
+            f"this model is class-conditional (num_classes={num_classes}): pass {where}, int [{n}]"
+        )
+    arr = np.asarray(labels)
+    if arr.shape != (n,):
+        raise ValueError(f"{where} must have shape [{n}] (one per image), got {arr.shape}")
+    return check_labels(arr, n, num_classes, where)
+
+
 def check_labels(labels, batch: int, num_classes: int, where: str) -> np.ndarray:
     """Labels int [batch] (or [batch, 1]) in [0, num_classes) -> int32 [batch].
 

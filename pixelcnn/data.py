@@ -461,6 +461,13 @@ def load_image_folder(path: str, image_shape=None) -> tuple[np.ndarray, np.ndarr
     return images, labels
 
 
+def npz_has_labels(path: str, labels_key: str = "labels") -> bool:
+    """Whether the .npz at ``path`` holds ``labels_key`` (``load_npz`` gives zeros
+    otherwise)."""
+    with np.load(os.path.expanduser(str(path)), allow_pickle=False) as data:
+        return labels_key in data.files
+
+
 def load_npz(
     path: str, images_key: str = "images", labels_key: str | None = "labels"
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -78,19 +78,8 @@ def _check_num_images(num_images) -> int:
 
 def _check_labels(model, labels, n: int):
     """labels: int [N] in [0, num_classes) for a conditional model, else None."""
-    if model.num_classes is None:
-        if labels is not None:
-            raise ValueError("this model is unconditional (num_classes=None): pass labels=None")
-        return None
-    if labels is None:
-        raise ValueError(
-            f"this model is class-conditional (num_classes={model.num_classes}): pass labels, "
-            f"int [{n}]"
-        )
-    arr = np.asarray(labels)
-    if arr.shape != (n,):
-        raise ValueError(f"labels must have shape [{n}] (one per image), got {arr.shape}")
-    return tf.constant(contract.check_labels(arr, n, model.num_classes, "labels"), tf.int32)
+    checked = contract.model_labels(model.num_classes, labels, n)
+    return None if checked is None else tf.constant(checked, tf.int32)
 
 
 def _check_seed(seed) -> tf.Tensor:
@@ -186,21 +175,31 @@ def fixed_batches(
     """fn(*args) over the images in batches of exactly ``batch_size``, in order.
 
     args: tensors with the images as their first axis, or None. The last batch is
-    filled up (``fill[k]`` for args[k]) and the extra results dropped, and with a
-    strategy of k replicas each replica runs whole batches, k at a time. So image n is
+    filled up (``fill[k]`` for args[k]) and the extra results dropped; with a strategy
+    of k replicas each replica runs one batch, k at a time, and batches left over after
+    the last full round run one by one on the default device. So image n is
     always computed in the same position of the same program, whatever the number of
     images or replicas: the results are the same integers (floating point results can
     depend on the batch shape), which the exported sampler and the codec rely on.
     """
     k = 1 if strategy is None else strategy.num_replicas_in_sync
-    group = batch_size * k
     n = int(next(a for a in args if a is not None).shape[0])
+    batches = -(-n // batch_size)
+
+    def part(start, size):
+        return tuple(
+            a if a is None else _fill_up(a[start : start + size], size, value)
+            for a, value in zip(args, fill, strict=True)
+        )
+
     outputs = []
-    for start in range(0, n, group):
-        part = []
-        for a, value in zip(args, fill, strict=True):
-            part.append(a if a is None else _fill_up(a[start : start + group], group, value))
-        outputs.append(distribute.run_split(strategy, fn, tuple(part)))
+    for b in range(0, batches, k):
+        if batches - b >= k:  # one batch per replica
+            group = part(b * batch_size, k * batch_size)
+            outputs.append(distribute.run_split(strategy, fn, group))
+        else:  # fewer batches left than replicas: the same program, one batch at a time
+            for rest in range(b, batches):
+                outputs.append(fn(*part(rest * batch_size, batch_size)))
     return tf.concat(outputs, axis=0)[:n]
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import tensorflow as tf
@@ -114,7 +115,9 @@ class _Serving(tf.Module):
         return {"log_prob": lp, "bits_per_dim": likelihood.bits_per_dim(lp, self.model.image_shape)}
 
     def _sample(self, num_images, seed, labels):
-        """sample_fast's computation with a run-time N: the same noise, the same batches."""
+        """sample_fast's computation with a run-time N: the same noise, and the same
+        fixed batches as ``sampling.fixed_batches`` (the same fill values, ``_FILL``),
+        written with graph ops because N is only known when the signature runs."""
         model, b = self.model, self.batch
         h, w, c = model.image_shape
         checks = [tf.debugging.assert_positive(num_images, message="num_images must be >= 1")]
@@ -216,22 +219,26 @@ def export(
         if (run_dir / "metrics.json").exists():
             metrics = json.loads((run_dir / "metrics.json").read_text())
     serving = _Serving(model, batch)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tf.saved_model.save(
-        serving,
-        str(tmp / "1"),
-        signatures={
-            "log_prob": serving.log_prob.get_concrete_function(),
-            "params": serving.params.get_concrete_function(),
-            "sample": serving.sample.get_concrete_function(),
-        },
-    )
-    summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
-    (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (tmp / "README.txt").write_text(_readme(model, where, str(ckpt), metrics, batch))
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
+    # Written into a fresh folder beside out_dir, then renamed: a failed export leaves
+    # neither a half-written out_dir nor the temporary folder.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tf.saved_model.save(
+            serving,
+            str(tmp / "1"),
+            signatures={
+                "log_prob": serving.log_prob.get_concrete_function(),
+                "params": serving.params.get_concrete_function(),
+                "sample": serving.sample.get_concrete_function(),
+            },
+        )
+        summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
+        (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (tmp / "README.txt").write_text(_readme(model, where, str(ckpt), metrics, batch))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / "1"

@@ -267,24 +267,25 @@ class SignalReceived(Exception):
     evaluation batches), caught by ``train``, which saves and exits."""
 
 
-class TrainingInterrupted(Exception):
-    """Raised after a SIGINT/SIGTERM, once the checkpoint is saved."""
+class _Stop(Exception):
+    """An exception whose message the CLI prints as it is (``str`` of one raised through
+    a gin configurable gains gin's "In call to configurable" line)."""
 
     def __init__(self, message: str):
         super().__init__(message)
-        self.message = message  # str(self) gains gin's "In call to configurable" line
+        self.message = message
+
+
+class TrainingInterrupted(_Stop):
+    """Raised after a SIGINT/SIGTERM, once the checkpoint is saved."""
 
 
 class _Preempted(Exception):
     """Raised by the preemption handler's exit_fn once every worker has saved."""
 
 
-class WorkerLost(RuntimeError):
+class WorkerLost(_Stop):
     """A multi-worker run lost a worker (killed, crashed, unreachable)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 class _Preemption:
@@ -334,8 +335,12 @@ class _Preemption:
         running."""
         if self.handler is not None:
             self.handler._stop_cluster_wise_termination_watcher_thread()
-            if not self.checkpoints.chief:  # the handler's own scratch folder
-                shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def remove_scratch(self) -> None:
+        """Deletes the folder the handler creates on non-chief workers (it deletes it
+        itself only after a preemption)."""
+        if self.handler is not None and not self.checkpoints.chief:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @gin.configurable(denylist=["run_dir", "strategy"])
@@ -457,6 +462,9 @@ def train(
             run.preemption.close()
             if not run.evaluations or run.evaluations[-1]["step"] != _value(trainer.step):
                 run.evaluate()
+            # A budget stop draws no final grid: its time is not in the estimate.
+            if not run.samples and chief and stopped != "max_minutes":
+                run.log_samples(images_to_log, seed)
         except SignalReceived as during:
             step = _value(trainer.step)
             if checkpoints.saved_step != step:
@@ -472,14 +480,14 @@ def train(
                 "commands on every worker, with the same --log-dir, to resume"
             ) from None
         except tf.errors.OpError as e:
-            if run.preemption.handler is None:
+            if run.preemption.handler is None or not _lost_worker(e):
                 raise
             raise WorkerLost(_lost_worker_message(e, run_dir)) from None
-    # A budget stop draws no final grid: its time is not in the estimate.
-    if not run.samples and chief and stopped != "max_minutes":
-        run.log_samples(images_to_log, seed)
-    if checkpoints.saved_step != _value(trainer.step):
-        checkpoints.save("end")
+        finally:
+            run.preemption.remove_scratch()
+        # The run is complete: a signal now only waits for this last save.
+        if checkpoints.saved_step != _value(trainer.step):
+            checkpoints.save("end")
     summaries.flush()
     result = run.result() | {"stopped": stopped or "finished"}
     if stopped == "max_minutes":
@@ -487,6 +495,14 @@ def train(
     if chief:
         rundir.write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _lost_worker(error: tf.errors.OpError) -> bool:
+    """Whether a failed op in a multi-worker run means that a worker went away (not,
+    say, an out-of-memory error or bad data, which are raised as they are)."""
+    lost = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.DeadlineExceededError)
+    text = error.message or ""
+    return isinstance(error, lost) or "heartbeat" in text or "unhealthy" in text
 
 
 def _lost_worker_message(error: tf.errors.OpError, run_dir: Path) -> str:
@@ -691,7 +707,9 @@ class _Run:
     def log_samples(self, count: int, seed: int) -> None:
         """Draws and writes the sample grid. It runs in a thread the loop watches, so a
         signal abandons it within a fraction of a second (the first draw compiles the
-        sampler: seconds to a minute that a preemption's grace period may not have)."""
+        sampler: seconds to a minute that a preemption's grace period may not have).
+        In a multi-worker run TF's preemption handler owns the signals instead: the
+        grid is finished first there (``_Preemption``)."""
         if not count:
             return
         step = _value(self.trainer.step)
@@ -751,9 +769,10 @@ class _Deadline:
             finish = 1.5 * run.eval_seconds
         elif self.test_batches is not None:
             # the two eval steps' traces (forward only: together about one training
-            # step's trace), then both weights over the test set, each batch taken to
-            # cost a training step (evaluation costs about a third of one)
-            finish = self.first_step + 2 * self.test_batches * step_seconds
+            # step's trace, taken as two: a final evaluation overran a 45 s budget by
+            # 5 s with one, beside another test process), then both weights over the
+            # test set, each batch taken to cost a training step (it costs about a third)
+            finish = 2 * self.first_step + 2 * self.test_batches * step_seconds
         else:
             finish = 0.1 * (self.end - run.start)
         save = run.checkpoints.seconds if run.checkpoints.seconds is not None else 2.0

@@ -37,15 +37,22 @@ def model(shape, bits, classes=None, seed=0):
 
 def data(m, n, seed=1):
     rng = np.random.default_rng(seed)
-    images = rng.integers(0, 2**m.num_bits, (n, *m.image_shape)).astype(np.uint8)
+    dtype = np.uint8 if m.num_bits <= 8 else np.int32
+    images = rng.integers(0, 2**m.num_bits, (n, *m.image_shape)).astype(dtype)
     labels = rng.integers(0, m.num_classes, n) if m.num_classes else None
     return images, labels
 
 
 @pytest.mark.parametrize(
     "shape, bits, classes",
-    [((6, 5, 1), 8, None), ((4, 4, 2), 8, None), ((5, 4, 3), 5, None), ((4, 5, 3), 8, 3)],
-    ids=["C1_b8", "C2_b8", "C3_b5", "C3_b8_conditional"],
+    [
+        ((6, 5, 1), 8, None),
+        ((4, 4, 2), 8, None),
+        ((5, 4, 3), 5, None),
+        ((3, 4, 1), 10, None),
+        ((4, 5, 3), 8, 3),
+    ],
+    ids=["C1_b8", "C2_b8", "C3_b5", "C1_b10", "C3_b8_conditional"],
 )
 def test_round_trip_is_exact(shape, bits, classes):
     m = model(shape, bits, classes)
@@ -56,6 +63,10 @@ def test_round_trip_is_exact(shape, bits, classes):
     assert out.dtype == np.int32 and out.shape == images.shape
     if classes:
         np.testing.assert_array_equal(out_labels, labels)
+        # the labels condition the probabilities: other labels, other coded words
+        other = codec.encode(m, images, (labels + 1) % classes, batch_size=BATCH)
+        words = [b[codec.read_header(b)["_words_at"] : -32] for b in (blob, other)]
+        assert words[0] != words[1]
     else:
         assert out_labels is None
     header = codec.read_header(blob)
@@ -100,8 +111,10 @@ def test_damaged_files_are_clear_errors(coded):
         codec.decode(m, b"\x89PNG" + blob[4:])
     newer = bytearray(blob)
     struct.pack_into("<H", newer, 8, 2)
-    with pytest.raises(codec.CodecError, match="format version 2 is not known"):
+    with pytest.raises(codec.CodecError, match=r"damaged, or of a format version \(2\)"):
         codec.decode(m, bytes(newer))
+    with pytest.raises(codec.CodecError, match="format version 2 is not known"):
+        codec.decode(m, _resealed(bytes(newer)))
 
 
 def test_a_decode_that_does_not_verify_is_never_returned(coded):

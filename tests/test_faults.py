@@ -221,17 +221,22 @@ def test_a_signal_to_one_worker_stops_every_worker_at_one_step_then_resume_and_a
 def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, monkeypatch):
     """The epoch-end grid (its first draw compiles the sampler, up to a minute) is
     abandoned at a signal: the weights are saved and the run exits within a second."""
-    signalled = []
+    import threading
+
+    signalled, finished = [], threading.Event()
 
     def slow_grid(*args):
         signalled.append(time.monotonic())
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(60)  # a long compile, in the drawing thread
+        finished.wait(60)  # a long compile, in the drawing thread
 
     monkeypatch.setattr(training, "log_samples", slow_grid)
     gin.bind_parameter("train.images_to_log", 2)
-    with pytest.raises(training.TrainingInterrupted, match="sample logging"):
-        train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=1)
-    assert time.monotonic() - signalled[0] < 2.0
+    try:
+        with pytest.raises(training.TrainingInterrupted, match="sample logging"):
+            train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=1)
+        assert time.monotonic() - signalled[0] < 2.0
+    finally:
+        finished.set()
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == 2  # both steps of the epoch are saved
