@@ -65,7 +65,7 @@ CONFIGS = {
     ),
 }
 
-# Kinds of sampler: (label, key of pixelcnn.sampling._compiled).
+# Kinds of sampler: (label, key of pixelcnn.sampling.compiled).
 SAMPLERS = {
     "naive": "naive",
     "fast": "fast_xla",  # the default of sample_fast (XLA)
@@ -85,11 +85,11 @@ def build_model(config: dict, seed: int = 0) -> PixelCNNPP:
 def time_sampler(model: PixelCNNPP, kind: str, batch: int, repeats: int, seed=(1, 2)) -> dict:
     """Trace, compile and run times of one sampler at one batch size.
 
-    Uses the module's internals (``_prepare``/``_compiled``) to time tracing apart from
+    Uses the module's ``_prepare`` and ``compiled`` to time tracing apart from
     running; the results are those of ``sample_naive``/``sample_fast``.
     """
     args = sampling._prepare(model, batch, None, seed, None, None)
-    fn = sampling._compiled(model, SAMPLERS[kind])
+    fn = sampling.compiled(model, SAMPLERS[kind])
     start = time.perf_counter()
     fn.get_concrete_function(*args)
     trace = time.perf_counter() - start

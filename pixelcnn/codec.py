@@ -148,10 +148,10 @@ class _PixelCoder:
 def _program(model, batch_size: int):
     """The coding program for one model and batch size (cached): fn(labels) -> int32
     [B, H, W, C], running the cached generation with the current ``_PixelCoder``."""
-    per_model = sampling._CACHE.setdefault(model, {})
+    per_model = sampling.model_cache(model)
     key = ("codec", batch_size)
     if key not in per_model:
-        plan = sampling._FastPlan(model, jit=False)
+        plan = sampling.CachedGeneration(model, jit=False)
         channels = model.image_shape[2]
         slot = {}
 

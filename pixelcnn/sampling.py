@@ -27,7 +27,7 @@ computed in the network's topological order (first layers; first half at 0..m; s
 half at m..0). A transposed conv is applied as soon as its input is known: output
 (2a + p, 2b + q) is input (a, b) times kernel tap (p, q), so one input row (position)
 yields two output rows (a 2x2 block), which the finer resolution reads later.
-``_FastPlan`` describes the loops and caches.
+``CachedGeneration`` describes the loops and caches.
 
 Both samplers draw all their noise up front with ``likelihood.sampling_noise([N, H, W],
 C, K, seed)`` (outside any XLA cluster, so the stream is identical for both), so for a
@@ -52,7 +52,17 @@ from pixelcnn.layers import WeightNormConv2DTranspose, concat_elu
 if TYPE_CHECKING:
     from pixelcnn.model import PixelCNNPP
 
-__all__ = ["complete", "sample_fast", "sample_naive", "top_rows_mask"]
+__all__ = [
+    "BATCH_SIZE",
+    "CachedGeneration",
+    "compiled",
+    "complete",
+    "fixed_batches",
+    "model_cache",
+    "sample_fast",
+    "sample_naive",
+    "top_rows_mask",
+]
 
 Labels = Sequence[int] | np.ndarray | tf.Tensor | None
 Seed = int | tuple[int, int] | Sequence[int]
@@ -139,9 +149,15 @@ def _prepare(model, num_images, labels, seed, known_images, known_mask):
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _compiled(model, kind: str):
+def model_cache(model) -> dict:
+    """A dict that lives as long as ``model`` (compiled programs for it: here and in
+    ``pixelcnn.codec``)."""
+    return _CACHE.setdefault(model, {})
+
+
+def compiled(model, kind: str):
     """The model's tf.function of kind "naive", "fast_xla" or "fast_graph" (cached)."""
-    per_model = _CACHE.setdefault(model, {})
+    per_model = model_cache(model)
     if kind not in per_model:
         if kind == "naive":
             # Only a weak reference to the model in the cached value, or the cache would
@@ -150,7 +166,7 @@ def _compiled(model, kind: str):
             per_model[kind] = tf.function(lambda *args: _naive_loop(ref(), *args), autograph=False)
         else:
             jit = kind == "fast_xla"
-            plan = _FastPlan(model, jit)
+            plan = CachedGeneration(model, jit)
             per_model[kind] = tf.function(plan.generate, jit_compile=jit, autograph=False)
     return per_model[kind]
 
@@ -158,7 +174,7 @@ def _compiled(model, kind: str):
 BATCH_SIZE = 16  # images per compiled generation call, unless the caller picks another
 
 # What the images that fill up the last batch get: label 0, noise 0.5, no known pixels.
-_FILL = (0, 0.5, 0.5, 0.0, False)
+FILL = (0, 0.5, 0.5, 0.0, False)
 
 
 def check_batch_size(batch_size) -> int:
@@ -215,7 +231,7 @@ def _fill_up(x: tf.Tensor, size: int, value) -> tf.Tensor:
 def _run(model, kind: str, args: tuple, strategy: tf.distribute.Strategy | None, batch_size):
     """The compiled sampler on ``args`` in fixed batches (``fixed_batches``)."""
     batch_size = check_batch_size(batch_size)
-    return fixed_batches(strategy, _compiled(model, kind), args, _FILL, batch_size)
+    return fixed_batches(strategy, compiled(model, kind), args, FILL, batch_size)
 
 
 # ----------------------------------------------------------------------------- naive
@@ -293,7 +309,7 @@ def _conv_layers(model) -> list:
     return layers
 
 
-class _FastPlan:
+class CachedGeneration:
     """The cached generation program for one model (traced once per batch size).
 
     Schedule. Pixel (i, j) is due at level m(i, j) = min(tz(i), tz(j), R - 1) (tz: the

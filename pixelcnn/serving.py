@@ -116,7 +116,7 @@ class _Serving(tf.Module):
 
     def _sample(self, num_images, seed, labels):
         """sample_fast's computation with a run-time N: the same noise, and the same
-        fixed batches as ``sampling.fixed_batches`` (the same fill values, ``_FILL``),
+        fixed batches as ``sampling.fixed_batches`` (the same fill values, ``FILL``),
         written with graph ops because N is only known when the signature runs."""
         model, b = self.model, self.batch
         h, w, c = model.image_shape
@@ -135,11 +135,11 @@ class _Serving(tf.Module):
             x = tf.pad(x, pad, constant_values=tf.cast(value, x.dtype))
             return tf.reshape(x, tf.concat([[batches, b], tf.shape(x)[1:]], 0))
 
-        fill = dict(zip(("labels", "mix_u", "logistic_u", "known", "mask"), sampling._FILL))
+        fill = dict(zip(("labels", "mix_u", "logistic_u", "known", "mask"), sampling.FILL))
         elems = [batched(mix_u, fill["mix_u"]), batched(logistic_u, fill["logistic_u"])]
         if labels is not None:
             elems.append(batched(labels, fill["labels"]))
-        generate = sampling._compiled(model, "fast_xla")
+        generate = sampling.compiled(model, "fast_xla")
         known = tf.zeros([b, h, w, c], tf.float32)
         mask = tf.zeros([b, h, w], tf.bool)
 

@@ -64,7 +64,7 @@ def make_model(image_shape, blocks, layers, num_classes=None, dtype="float64", s
 
 CONFIGS = {
     # Four resolutions (6x6, 3x3, 2x2, 1x1): odd sizes at every level, and deep enough
-    # for the tf2xla work-around in sampling._FastPlan.initial_state to matter.
+    # for the tf2xla work-around in sampling.CachedGeneration.initial_state to matter.
     "6x6x1_R4": dict(image_shape=(6, 6, 1), blocks=4, layers=0),
     "7x5x3_R2": dict(image_shape=(7, 5, 3), blocks=2, layers=1),
     "5x8x2_R1": dict(image_shape=(5, 8, 2), blocks=1, layers=0),
