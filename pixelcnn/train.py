@@ -298,12 +298,17 @@ class _Preemption:
     of this invocation), so it is given an empty checkpoint of its own in a directory
     nothing is written to: the run's checkpoints are read and written by
     ``_Checkpoints`` alone. Single-process runs keep ``_StopRequested``'s handling.
+
+    An evaluation is one collective computation, so it is abandoned by every worker at
+    once or not at all: a flag set by a SIGTERM handler chained in front of TF's is
+    summed over the workers before every evaluation batch (``any_worker_signalled``).
     """
 
     def __init__(self, strategy, checkpoints: _Checkpoints, run_dir: Path, stop):
         resolver = getattr(strategy, "cluster_resolver", None)
         self.handler = None
         self.step = None
+        self.signalled = False
         if resolver is None or not resolver.cluster_spec().jobs:
             return
         self.checkpoints = checkpoints
@@ -315,6 +320,33 @@ class _Preemption:
             resolver, tf.train.Checkpoint(), str(run_dir / "preemption"), config
         )
         stop.forward_sigint()
+        tf_handler = signal.getsignal(signal.SIGTERM)
+
+        def note_and_pass_on(signum, frame):
+            self.signalled = True
+            tf_handler(signum, frame)
+
+        signal.signal(signal.SIGTERM, note_and_pass_on)
+
+        # This worker's flag as a variable (a reduce of a host constant has no device to
+        # reduce to), summed over the workers as distribute.broadcast_from_first_replica
+        # reduces its variables.
+        with strategy.scope():
+            self._flag = tf.Variable(0.0, trainable=False)
+
+        def total():
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, self._flag * 1.0)
+
+        self._total = tf.function(total, autograph=False)
+        self._strategy = strategy
+
+    def any_worker_signalled(self) -> bool:
+        """Whether any worker has received the signal (a collective: every worker must
+        call it at the same point)."""
+        self._flag.assign(1.0 if self.signalled else 0.0)
+        summed = self._strategy.run(self._total)
+        return float(self._strategy.experimental_local_results(summed)[0]) > 0
 
     def _save(self, *args, **kwargs) -> None:
         self.step = _value(self.checkpoints.trainer.step)
@@ -467,11 +499,13 @@ def train(
                 run.log_samples(images_to_log, seed)
         except SignalReceived as during:
             step = _value(trainer.step)
+            what = f"signal {stop.signal}" if stop.signal else "a signal to one of the workers"
             if checkpoints.saved_step != step:
-                print(checkpoints.save(f"signal {stop.signal} during {during} at step {step}"))
+                print(checkpoints.save(f"{what} during {during} at step {step}"), flush=True)
+            again = "commands on every worker" if stop.signal is None else "command"
             raise TrainingInterrupted(
-                f"stopped by signal {stop.signal} during {during} at step {step} (checkpoint "
-                "saved); rerun the same command with the same --log-dir to resume"
+                f"stopped by {what} during {during} at step {step} (checkpoint saved); "
+                f"rerun the same {again} with the same --log-dir to resume"
             ) from None
         except _Preempted:
             raise TrainingInterrupted(
@@ -686,6 +720,8 @@ class _Run:
         entry = {"step": step, "epoch": _value(trainer.epoch), "images": self.images}
 
         def should_stop():
+            if self.preemption is not None and self.preemption.handler is not None:
+                return self.preemption.any_worker_signalled()
             return self.stop.signal is not None
 
         for weights in WEIGHTS:
@@ -768,11 +804,11 @@ class _Deadline:
             # (benchmarks/README.md, "Time to quality").
             finish = 1.5 * run.eval_seconds
         elif self.test_batches is not None:
-            # the two eval steps' traces (forward only: together about one training
-            # step's trace, taken as two: a final evaluation overran a 45 s budget by
-            # 5 s with one, beside another test process), then both weights over the
-            # test set, each batch taken to cost a training step (it costs about a third)
-            finish = 2 * self.first_step + 2 * self.test_batches * step_seconds
+            # the two eval steps' traces and first calls, taken as three first training
+            # steps (with one, a final evaluation overran a 45 s budget by 5 s beside
+            # another test process; with two, by 1.8 s alone), then both weights over
+            # the test set, each batch taken to cost a training step (about a third)
+            finish = 3 * self.first_step + 2 * self.test_batches * step_seconds
         else:
             finish = 0.1 * (self.end - run.start)
         save = run.checkpoints.seconds if run.checkpoints.seconds is not None else 2.0

@@ -146,8 +146,9 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
 
 
 # ---------------------------------------------------------------------------- workers
-def start_workers(run_dir, max_steps, log_dir):
-    """Two multiworker processes of the tiny config on 127.0.0.1 (main.py, as a user)."""
+def start_workers(run_dir, max_steps, log_dir, extra=()):
+    """Two multiworker processes of the tiny config on 127.0.0.1 (main.py, as a user),
+    run from ``log_dir`` (where a test may put a dataset module)."""
     import json
     import subprocess
     import sys
@@ -164,10 +165,13 @@ def start_workers(run_dir, max_steps, log_dir):
         command = [
             sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
             "--binding", f"train.max_steps = {max_steps}", "--binding", "train.images_to_log = 0",
-            "--binding", "embedded_mnist.test_size = 16", "--log-dir", str(run_dir), "multiworker",
+            "--binding", "embedded_mnist.test_size = 16", *extra, "--log-dir", str(run_dir),
+            "multiworker",
         ]  # fmt: skip
         log = open(log_dir / f"worker{i}.log", "w")  # noqa: SIM115 (closed with the process)
-        procs.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=log_dir)
+        )
     return procs
 
 
@@ -240,3 +244,56 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
         finished.set()
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == 2  # both steps of the epoch are saved
+
+
+SIGNAL_IN_EVALUATION = """
+import json, os, signal
+import gin
+import numpy as np
+import tensorflow as tf
+from pixelcnn import data
+
+WORKER = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+
+
+@gin.configurable
+def dataset(batch_size):
+    images = data.load_embedded_mnist()[0]
+    seen = []
+
+    def note(x):
+        seen.append(1)
+        if WORKER == 1 and len(seen) == 3:  # worker 1, inside the first evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return x
+
+    def watched(x):
+        return tf.numpy_function(note, [x], tf.uint8, stateful=True)
+
+    test = tf.data.Dataset.from_tensor_slices(images[:800]).batch(batch_size).map(watched)
+    return tf.data.Dataset.from_tensor_slices(images[800:864]).batch(batch_size), test
+"""
+
+
+def test_a_signal_during_a_multi_worker_evaluation_stops_every_worker_there(tmp_path):
+    """SIGTERM to worker 1 while the workers evaluate: all abandon the evaluation at the
+    same batch, the chief saves the step reached, both exit 130."""
+    (tmp_path / "signal_data.py").write_text(SIGNAL_IN_EVALUATION)
+    run_dir = tmp_path / "run"
+    procs = start_workers(
+        run_dir,
+        100_000,
+        tmp_path,
+        extra=(
+            "--binding",
+            "import signal_data",
+            "--binding",
+            "train.dataset_fn = @signal_data.dataset",
+        ),
+    )
+    codes = [p.wait(timeout=180) for p in procs]
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert codes == [130, 130], logs
+    for log in logs:
+        assert "a signal to one of the workers during evaluation at step 8" in log, log[-2000:]
+    assert rundir.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")
