@@ -94,9 +94,7 @@ def main() -> None:
     images, _ = scoring.take(
         scoring.integer_batches(test, model.image_shape, model.num_bits, None, "test"), args.num
     )
-    model_bpd = scoring.score(
-        model, [(images[i : i + 256], None) for i in range(0, len(images), 256)]
-    )
+    model_bpd = scoring.score(model, scoring.array_batches(images, None))
     model_bpd = model_bpd.summary()["bits_per_dim"]
 
     codec.encode(model, images[:1])  # trace the coding program once, outside the timing

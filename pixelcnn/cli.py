@@ -484,11 +484,9 @@ def _report(what: str, nbytes: int, model, images, labels, seconds: float) -> No
     """One line: images, bytes, coded and model bits/dim, images/s."""
     from pixelcnn import scoring
 
-    parts = [
-        (images[i : i + 256], None if labels is None else labels[i : i + 256])
-        for i in range(0, len(images), 256)
+    model_bpd = scoring.score(model, scoring.array_batches(images, labels)).summary()[
+        "bits_per_dim"
     ]
-    model_bpd = scoring.score(model, parts).summary()["bits_per_dim"]
     click.echo(
         f"{what} {len(images)} images, {nbytes} bytes: {8 * nbytes / images.size:.4f} bits/dim "
         f"coded, {model_bpd:.4f} bits/dim the model's likelihood, "

@@ -84,6 +84,15 @@ def split_element(element) -> tuple:
     raise ValueError(f"got {_describe(element)}; {_ACCEPTED}")
 
 
+def check_positive_int(value, name: str) -> int:
+    """value as an int; ValueError naming ``name`` unless it is an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_num_bits(num_bits) -> int:
     """num_bits as an int; ValueError unless it is an integer in [1, 16]."""
     if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):

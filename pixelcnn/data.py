@@ -23,6 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pixelcnn import contract
+
 logger = logging.getLogger(__name__)
 
 Datasets = tuple[tf.data.Dataset, tf.data.Dataset]  # (train, test)
@@ -30,14 +32,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # --------------------------------------------------------------------- helpers
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    return int(batch_size)
-
-
 def split_indices(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split of range(N) into (train [N - n], test [n]) indices.
 
@@ -127,7 +121,7 @@ def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
     Returns:
       (train, test) datasets of (images [B, H, W, C], labels int32 [B]).
     """
-    batch_size = _check_batch_size(batch_size)
+    batch_size = contract.check_positive_int(batch_size, "batch_size")
 
     def pipeline(images, labels, shuffle):
         ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))

@@ -78,14 +78,6 @@ def top_rows_mask(height: int, width: int, rows: int) -> np.ndarray:
     return mask
 
 
-def _check_num_images(num_images) -> int:
-    if isinstance(num_images, bool) or not isinstance(num_images, int | np.integer):
-        raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-    if num_images < 1:
-        raise ValueError(f"num_images must be a positive integer, got {num_images}")
-    return int(num_images)
-
-
 def _check_labels(model, labels, n: int):
     """labels: int [N] in [0, num_classes) for a conditional model, else None."""
     checked = contract.model_labels(model.num_classes, labels, n)
@@ -131,7 +123,7 @@ def _check_known(model, known_images, known_mask, n: int):
 
 def _prepare(model, num_images, labels, seed, known_images, known_mask):
     """Validates the arguments; returns the tensors both samplers consume."""
-    n = _check_num_images(num_images)
+    n = contract.check_positive_int(num_images, "num_images")
     labels_t = _check_labels(model, labels, n)
     seed_t = _check_seed(seed)
     known_x, mask = _check_known(model, known_images, known_mask, n)
@@ -178,11 +170,7 @@ FILL = (0, 0.5, 0.5, 0.0, False)
 
 
 def check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-    return int(batch_size)
+    return contract.check_positive_int(batch_size, "batch_size")
 
 
 def fixed_batches(

@@ -54,6 +54,12 @@ def take(
     return np.concatenate(images)[:n], None if labels[0] is None else np.concatenate(labels)[:n]
 
 
+def array_batches(images: np.ndarray, labels: np.ndarray | None, size: int = 256):
+    """(images, labels) arrays as ``integer_batches``-style pairs of at most ``size``."""
+    for i in range(0, len(images), size):
+        yield images[i : i + size], None if labels is None else labels[i : i + size]
+
+
 @dataclass
 class Scores:
     """Per-image log-likelihoods of a scored dataset, in the source's order."""

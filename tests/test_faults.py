@@ -149,19 +149,15 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
 def start_workers(run_dir, max_steps, log_dir, extra=()):
     """Two multiworker processes of the tiny config on 127.0.0.1 (main.py, as a user),
     run from ``log_dir`` (where a test may put a dataset module)."""
-    import json
     import subprocess
     import sys
 
-    from test_train import ROOT, free_ports
+    from test_train import ROOT, free_ports, worker_env
 
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for i in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-        )
+        env = worker_env(workers, i)
         command = [
             sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
             "--binding", f"train.max_steps = {max_steps}", "--binding", "train.images_to_log = 0",

@@ -168,6 +168,15 @@ def free_ports(n):
     return ports
 
 
+def worker_env(workers, index):
+    """The environment of worker ``index`` of a local cluster at ``workers``."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    )
+    return env
+
+
 def test_multiworker_matches_one_device(tmp_path):
     images, weights = make_batches(), initial_weights()
     blob = tmp_path / "blob.npz"
@@ -177,14 +186,10 @@ def test_multiworker_matches_one_device(tmp_path):
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
     for i in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-        env["TF_CONFIG"] = json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}}
-        )
         procs.append(
             subprocess.Popen(
                 [sys.executable, str(script)],
-                env=env,
+                env=worker_env(workers, i),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
