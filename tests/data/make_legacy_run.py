@@ -3,7 +3,10 @@ whose checkpoints hold every layer as an attribute of the model (the layout befo
 per-resolution levels), for tests/test_train.py::test_a_checkpoint_of_the_old_layout_loads.
 Run from the repository root at that commit: python tests/data/make_legacy_run.py
 """
+import json
+import shutil
 from pathlib import Path
+
 import numpy as np
 import tensorflow as tf
 from pixelcnn import rundir, train as training
