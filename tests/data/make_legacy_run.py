@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
-from pixelcnn import rundir, train as training
+from pixelcnn import codec, rundir, train as training
 from pixelcnn.model import PixelCNNPP
 
 out = Path("tests/data/legacy_run")
@@ -37,5 +37,6 @@ for v, m, vel in zip(trainer.model.trainable_variables, trainer.optimizer._momen
 np.savez_compressed(out / "expected.npz", images=images, labels=labels,
          log_prob_ema=trainer.ema.log_prob(images, labels).numpy(),
          log_prob_model=trainer.model.log_prob(images, labels).numpy(),
-         step=int(trainer.step.numpy()), **slots)
+         step=int(trainer.step.numpy()),
+         ema_fingerprint=codec.weights_fingerprint(trainer.ema), **slots)
 print(int(trainer.step.numpy()), trainer.ema.log_prob(images, labels).numpy())
