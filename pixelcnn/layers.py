@@ -27,8 +27,8 @@ SHIFTS = ("down", "down_right", None)
 
 
 # Crops use tf.slice rather than Python slicing (StridedSlice): the gradient of Slice
-# is a Pad, while StridedSliceGrad is a slow generic copy (a faster training step;
-# benchmarks/README.md).
+# is a Pad, while StridedSliceGrad is a slow generic copy (about 5% of a float32
+# training step; benchmarks/README.md).
 def crop(x: tf.Tensor, begin, size) -> tf.Tensor:
     """``x[:, r0 : r0 + rows, c0 : c0 + cols]`` for begin = (r0, c0), size = (rows, cols)."""
     return tf.slice(x, [0, begin[0], begin[1], 0], [-1, size[0], size[1], -1])
@@ -52,18 +52,8 @@ def right_shift(x: tf.Tensor) -> tf.Tensor:
     return tf.pad(crop(x, (0, 0), (h, w - 1)), [[0, 0], [0, 0], [1, 0], [0, 0]])
 
 
-def _concat_elu_grad(dy: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """The gradient of ``concat_elu`` with respect to x, from its output y.
-
-    One EluGrad over both halves (d elu(z) / dz = 1 if z > 0 else elu(z) + 1), then
-    dx = d_pos - d_neg: three passes over the tensor, where autodiff of the concat
-    and the negation takes five.
-    """
-    pos, neg = tf.split(tf.raw_ops.EluGrad(gradients=dy, outputs=y), 2, axis=-1)
-    return pos - neg
-
-
-def _concat_elu_value(x: tf.Tensor) -> tf.Tensor:
+def concat_elu(x: tf.Tensor) -> tf.Tensor:
+    """elu(concat(x, -x)) on the channel axis: doubles the channel count."""
     y = tf.concat([x, -x], axis=-1)
     if x.dtype == tf.bfloat16:
         # TensorFlow's bfloat16 Elu rounds exp(z) to bfloat16 before subtracting 1, so
@@ -74,32 +64,11 @@ def _concat_elu_value(x: tf.Tensor) -> tf.Tensor:
     return tf.nn.elu(y)
 
 
-@tf.custom_gradient
-def concat_elu(x: tf.Tensor) -> tf.Tensor:
-    """elu(concat(x, -x)) on the channel axis: doubles the channel count."""
-    y = _concat_elu_value(x)
-    return y, lambda dy: _concat_elu_grad(dy, y)
-
-
-class SharedConcatElu:
-    """``concat_elu`` that computes each tensor's value once.
-
-    One forward pass of the network applies concat_elu to most stream tensors two or
-    three times (as a convolution's input, as another block's auxiliary input, and
-    again when the second half reads the first half's outputs); one instance per
-    forward pass computes each once.
-    """
-
-    def __init__(self):
-        self._values = {}
-
-    def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        # Keyed by graph too: Keras may first trace a call in a scratch graph (to build
-        # the layers) with the same eager inputs; its values must not be reused.
-        key = (x.ref(), id(tf.compat.v1.get_default_graph()))
-        if key not in self._values:
-            self._values[key] = concat_elu(x)
-        return self._values[key]
+def _concat_elu_grad(dy: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+    """The gradient of ``concat_elu`` with respect to x, from its output y: one EluGrad
+    over both halves (d elu(z) / dz = 1 if z > 0 else elu(z) + 1), then d_pos - d_neg."""
+    pos, neg = tf.split(tf.raw_ops.EluGrad(gradients=dy, outputs=y), 2, axis=-1)
+    return pos - neg
 
 
 # Dropout masks use 16 random bits per unit, half of what a float32 uniform draw costs
@@ -141,7 +110,7 @@ def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
     @tf.custom_gradient
     def forward(x):
         zero = tf.zeros([], x.dtype)
-        y = tf.where(keep, _concat_elu_value(x), zero)
+        y = tf.where(keep, concat_elu(x), zero)
         return y, lambda dy: _concat_elu_grad(tf.where(keep, dy, zero), y)
 
     return forward(x)
@@ -315,84 +284,56 @@ class WeightNormConv2D(_WeightNorm):
         return self.preactivation(x)
 
     def conv_of_activation(
-        self,
-        f,
-        x,
-        init: bool = False,
-        scale: float = 1.0,
-        recompute: bool = True,
-        fx=None,
+        self, f, x, init: bool = False, scale: float = 1.0, recompute: bool = True
     ) -> tf.Tensor:
         """This convolution of an activation, ``self(scale * f(x))`` for an elementwise
-        ``f``, computed without forming ``scale * f(x)`` (and by parts, see ``x``).
+        ``f``, computed without forming ``scale * f(x)``.
 
         Args:
           f: the elementwise function.
-          x: a tensor, or a tuple of tensors that stands for their concatenation on
-            the channel axis. A tuple needs ``f = concat_elu`` and a 1x1 layer: each
-            part meets its own rows of the kernel, so neither the concatenation nor
-            its concat_elu is ever formed, and each part's concat_elu can be shared.
+          x: its input.
           init: data-dependent initialisation (see ``_WeightNorm._initialise``).
-          scale: multiplies the kernel, far smaller than ``f(x)``, instead of ``f(x)``.
+          scale: multiplies the kernel, far smaller than ``f(x)``, instead of ``f(x)``
+            (the dropout's 1 / P(keep): a pass over the tensor less each way, about 5%
+            of a training step with the masks of ``concat_elu_dropout``;
+            benchmarks/README.md).
           recompute: do not keep ``f(x)`` for backprop. The convolution's backward
             pass needs its input, and when that input is ``concat_elu(x)`` it is twice
             the size of ``x``. Only ``x`` is kept and ``f(x)`` is recomputed in the
-            backward pass (a few elementwise ops against a convolution), which lowers
-            the training step's peak memory.
-          fx: ``f(x)`` (for a tuple, the tuple of ``f`` of each part) if it was already
-            computed: the forward pass uses it instead of computing it again.
+            backward pass, which lowers the training step's peak memory (the paper's
+            CIFAR model at batch 8: 3.9 instead of 4.7 GB) for about 2% more time.
         """
-        parts = x if isinstance(x, tuple) else (x,)
-        if len(parts) > 1 and (f is not concat_elu or self.kernel_size != (1, 1)):
-            raise ValueError("several inputs need f = concat_elu and a 1x1 convolution")
         if init or not self.built:
-            y = f(tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0])
+            y = f(x)
             return self(y if scale == 1.0 else y * tf.constant(scale, y.dtype), init=init)
         dtype = self.compute_dtype
-        sizes = [int(t.shape[-1]) for t in parts]
 
-        def forward(xs, kernel, bias, fxs=None):
-            fxs = fxs or [f(t) for t in xs]
-            if len(xs) == 1:
-                return self.linear_map(self.pad(fxs[0]), kernel) + bias
-            # concat_elu of the concatenation has channels [x_1, ..., x_n, -x_1, ...,
-            # -x_n]; concat_elu(x_i) has [x_i, -x_i]: pick those rows of the kernel.
-            total, start, y = sum(sizes), 0, bias
-            for fx_i, size in zip(fxs, sizes, strict=True):
-                pos = kernel[:, :, start : start + size]
-                neg = kernel[:, :, total + start : total + start + size]
-                y = y + self.linear_map(fx_i, tf.concat([pos, neg], axis=2))
-                start += size
-            return y
+        def forward(x, kernel, bias):
+            return self.linear_map(self.pad(f(x)), kernel) + bias
 
         @tf.custom_gradient
-        def run(*args):
-            *xs, kernel, bias = args
-
+        def run(x, kernel, bias):
             def grad(dy):
                 # The control dependency makes the recomputation wait for dy and keeps
                 # graph optimisation from merging it with the forward pass (which
                 # would keep f(x) alive after all).
                 with tf.control_dependencies([dy]):
-                    again = [tf.identity(t) for t in xs]
+                    again = tf.identity(x)
                 with tf.GradientTape() as tape:
-                    tape.watch([*again, kernel, bias])
+                    tape.watch([again, kernel, bias])
                     # Only the gradients are used: graph pruning drops the recomputed
                     # convolution itself, the elementwise f is what is recomputed.
-                    y = forward(again, kernel, bias)  # recomputes f
-                return tape.gradient(y, [*again, kernel, bias], output_gradients=dy)
+                    y = forward(again, kernel, bias)
+                return tape.gradient(y, [again, kernel, bias], output_gradients=dy)
 
-            return forward(xs, kernel, bias, fxs), grad
+            return forward(x, kernel, bias), grad
 
-        xs = [tf.cast(t, dtype) for t in parts]
-        fxs = None if fx is None else list(fx) if isinstance(fx, tuple) else [fx]
+        x = tf.cast(x, dtype)
         kernel = self.weight_normed_kernel()
         if scale != 1.0:
             kernel = kernel * scale
         kernel, bias = tf.cast(kernel, dtype), tf.cast(self.b, dtype)
-        if recompute:
-            return run(*xs, kernel, bias)
-        return forward(xs, kernel, bias, fxs)
+        return (run if recompute else forward)(x, kernel, bias)
 
 
 class WeightNormConv2DTranspose(_WeightNorm):
@@ -456,7 +397,7 @@ class GatedResnet(keras.layers.Layer):
     ``shift`` selects the conv: "down" (kernel [2, 3], the u stream) or "down_right"
     (kernel [2, 2], the ul stream). With ``recompute``, the convs keep their inputs
     x, a and c for the backward pass instead of f(x), f(a) and dropout(f(c)), half the
-    size, and recompute f there (see ``WeightNormConv2D.on``).
+    size, and recompute f there (see ``WeightNormConv2D.conv_of_activation``).
     """
 
     def __init__(
@@ -494,19 +435,15 @@ class GatedResnet(keras.layers.Layer):
             else None
         )
 
-    def call(self, x, a=None, h=None, training=False, init=False, shared=None, seed=None):
-        """x: the stream; a: the auxiliary input, a tensor or a tuple of tensors that
-        stands for their concatenation on channels; h: the one-hot label; shared: a
-        ``SharedConcatElu`` of the forward pass, if any; seed: the dropout seed of the
-        step ([2] ints, see ``ConcatEluDropout``)."""
-        ce = shared or concat_elu
-        c = self.conv1.conv_of_activation(concat_elu, x, init, recompute=self.recompute, fx=ce(x))
+    def convolutions(self) -> list:
+        return [c for c in (self.conv1, self.nin_aux, self.conv2) if c is not None]
+
+    def call(self, x, a=None, h=None, training=False, init=False, seed=None):
+        """x: the stream; a: the auxiliary input; h: the one-hot label; seed: the
+        dropout seed of the step ([2] ints, see ``ConcatEluDropout``)."""
+        c = self.conv1.conv_of_activation(concat_elu, x, init, recompute=self.recompute)
         if self.nin_aux is not None:
-            parts = a if isinstance(a, tuple) else (a,)
-            fa = tuple(ce(t) for t in parts)
-            c = c + self.nin_aux.conv_of_activation(
-                concat_elu, parts, init, recompute=self.recompute, fx=fa
-            )
+            c = c + self.nin_aux.conv_of_activation(concat_elu, a, init, recompute=self.recompute)
         f, scale = self.dropout.activation(c, training, seed)
         c = self.conv2.conv_of_activation(f, c, init, scale, self.recompute)
         return self.gate(x, c, h)

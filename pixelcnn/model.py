@@ -12,7 +12,6 @@ import tensorflow as tf
 from pixelcnn import contract, likelihood
 from pixelcnn.layers import (
     GatedResnet,
-    SharedConcatElu,
     WeightNormConv2D,
     WeightNormConv2DTranspose,
     down_shift,
@@ -95,6 +94,110 @@ class ModelConfig:
         return cls(**{k: v for k, v in fields.items() if k in names})
 
 
+def _resnets(stream, half, r, count, has_aux, first_index, args):
+    """``count`` gated resnets of one stream ("u": down-shifted, "ul": down-right) at
+    resolution r, named ``{half}_{stream}_{r}_{i}``; their dropout indices follow on."""
+    filters, num_classes, dropout_rate, recompute, policy = args
+    shift = "down" if stream == "u" else "down_right"
+    return [
+        GatedResnet(
+            filters,
+            shift,
+            has_aux,
+            num_classes,
+            dropout_rate,
+            recompute,
+            index=first_index + i,
+            dtype=policy,
+            name=f"{half}_{stream}_{r}_{i}",
+        )
+        for i in range(count)
+    ]
+
+
+class UpLevel(keras.layers.Layer):
+    """One resolution of the first half ("up pass"): ``count`` gated resnets on each
+    stream, the ul resnet reading the new u as its auxiliary input; then, unless this is
+    the lowest resolution, a stride-2 conv of each stream (``halve_u``, ``halve_ul``).
+
+    ``forward`` returns every (u, ul) it produces: the skips the second half reads.
+    The levels run through ``forward``, not Keras' ``__call__``, so no name scope of
+    their own enters the variables' paths (codec files name the weights by them).
+    """
+
+    def __init__(self, resolution, count, halve, first_index, resnet_args, **kwargs):
+        super().__init__(name=f"up_{resolution}", dtype=resnet_args[-1], **kwargs)
+        r, policy, filters = resolution, resnet_args[-1], resnet_args[0]
+        self.resolution = r
+        self.u = _resnets("u", "up", r, count, False, first_index, resnet_args)
+        self.ul = _resnets("ul", "up", r, count, True, first_index + count, resnet_args)
+        self.halve_u = self.halve_ul = None
+        if halve:
+            self.halve_u = WeightNormConv2D(
+                filters, (2, 3), "down", 2, dtype=policy, name=f"halve_u_{r}"
+            )
+            self.halve_ul = WeightNormConv2D(
+                filters, (2, 2), "down_right", 2, dtype=policy, name=f"halve_ul_{r}"
+            )
+        self.built = True  # no variables of its own
+
+    def parts(self) -> list:
+        return [*self.u, *self.ul, *[c for c in (self.halve_u, self.halve_ul) if c]]
+
+    def forward(self, u, ul, h=None, training=False, init=False, seed=None):
+        """u, ul: [B, Hr, Wr, F] -> [(u, ul)] after each resnet pair, then halved."""
+        run = dict(h=h, training=training, init=init, seed=seed)
+        outputs = []
+        for u_block, ul_block in zip(self.u, self.ul, strict=True):
+            u = u_block(u, **run)
+            ul = ul_block(ul, a=u, **run)
+            outputs.append((u, ul))
+        if self.halve_u is not None:
+            outputs.append((self.halve_u(u, init=init), self.halve_ul(ul, init=init)))
+        return outputs
+
+
+class DownLevel(keras.layers.Layer):
+    """One resolution of the second half ("down pass"): ``count`` gated resnets on each
+    stream whose auxiliary inputs are the first half's outputs at this resolution, last
+    pushed first (u reads the u skip, ul reads concat(u, ul skip)); then, unless this is
+    the full resolution, a stride-2 transposed conv of each stream (``double_u``,
+    ``double_ul``) up to ``target_hw``, the next resolution's size.
+    """
+
+    def __init__(self, resolution, count, target_hw, first_index, resnet_args, **kwargs):
+        super().__init__(name=f"down_{resolution}", dtype=resnet_args[-1], **kwargs)
+        r, policy, filters = resolution, resnet_args[-1], resnet_args[0]
+        self.resolution = r
+        self.target_hw = target_hw
+        self.u = _resnets("u", "down", r, count, True, first_index, resnet_args)
+        self.ul = _resnets("ul", "down", r, count, True, first_index + count, resnet_args)
+        self.double_u = self.double_ul = None
+        if target_hw is not None:
+            self.double_u = WeightNormConv2DTranspose(
+                filters, (2, 3), "down", dtype=policy, name=f"double_u_{r}"
+            )
+            self.double_ul = WeightNormConv2DTranspose(
+                filters, (2, 2), "down_right", dtype=policy, name=f"double_ul_{r}"
+            )
+        self.built = True  # no variables of its own
+
+    def parts(self) -> list:
+        return [*self.u, *self.ul, *[c for c in (self.double_u, self.double_ul) if c]]
+
+    def forward(self, u, ul, skips, h=None, training=False, init=False, seed=None):
+        """u, ul: [B, Hr, Wr, F]; skips: [(u, ul)], one per resnet pair, in the order
+        they are read. Returns (u, ul) at the next resolution (this one's at r = 0)."""
+        run = dict(h=h, training=training, init=init, seed=seed)
+        for (skip_u, skip_ul), u_block, ul_block in zip(skips, self.u, self.ul, strict=True):
+            u = u_block(u, a=skip_u, **run)
+            ul = ul_block(ul, a=tf.concat([u, skip_ul], axis=-1), **run)
+        if self.double_u is not None:
+            u = self.double_u(u, target_hw=self.target_hw, init=init)
+            ul = self.double_ul(ul, target_hw=self.target_hw, init=init)
+        return u, ul
+
+
 @keras.saving.register_keras_serializable(package="pixelcnn")
 @gin.configurable
 class PixelCNNPP(keras.Model):
@@ -164,25 +267,8 @@ class PixelCNNPP(keras.Model):
         self.num_params = likelihood.num_params(self.num_channels, num_mixtures)
         self.sizes = downsampled_sizes(image_shape[0], image_shape[1], residual_blocks)
 
-        nr = residual_layers_per_block
         policy = self.dtype_policy  # e.g. "mixed_bfloat16": every sublayer computes in it
-
-        made = []  # the gated resnets in construction order: their dropout indices
-
-        def resnet(shift, has_aux, name):
-            block = GatedResnet(
-                filters,
-                shift,
-                has_aux,
-                num_classes,
-                dropout_rate,
-                self.recompute_activations,
-                index=len(made),
-                dtype=policy,
-                name=name,
-            )
-            made.append(block)
-            return block
+        resnet_args = (filters, num_classes, dropout_rate, self.recompute_activations, policy)
 
         # First layers: u = down_shift(conv[2,3](x)); ul = down_shift(conv[1,3](x)) +
         # right_shift(down_right_conv[2,1](x)).
@@ -193,51 +279,60 @@ class PixelCNNPP(keras.Model):
         self.first_ul_left = WeightNormConv2D(
             filters, (2, 1), "down_right", dtype=policy, name="first_ul_left"
         )
-
-        # First half ("up pass" in the authors' code): resnets, then a stride-2 conv.
-        self.up_u, self.up_ul, self.halve_u, self.halve_ul = [], [], [], []
-        for r in range(residual_blocks):
-            self.up_u.append([resnet("down", False, f"up_u_{r}_{i}") for i in range(nr)])
-            self.up_ul.append([resnet("down_right", True, f"up_ul_{r}_{i}") for i in range(nr)])
-            if r + 1 < residual_blocks:
-                self.halve_u.append(
-                    WeightNormConv2D(filters, (2, 3), "down", 2, dtype=policy, name=f"halve_u_{r}")
-                )
-                self.halve_ul.append(
-                    WeightNormConv2D(
-                        filters, (2, 2), "down_right", 2, dtype=policy, name=f"halve_ul_{r}"
-                    )
-                )
-
-        # Second half ("down pass"): from the lowest resolution back up; nr resnets at the
-        # lowest resolution and nr + 1 at the others, so every pushed tensor is consumed.
-        self.down_u, self.down_ul, self.double_u, self.double_ul = [], [], [], []
-        for k, r in enumerate(reversed(range(residual_blocks))):
-            n = nr if k == 0 else nr + 1
-            self.down_u.append([resnet("down", True, f"down_u_{r}_{i}") for i in range(n)])
-            self.down_ul.append([resnet("down_right", True, f"down_ul_{r}_{i}") for i in range(n)])
-            if r > 0:
-                self.double_u.append(
-                    WeightNormConv2DTranspose(
-                        filters, (2, 3), "down", dtype=policy, name=f"double_u_{r}"
-                    )
-                )
-                self.double_ul.append(
-                    WeightNormConv2DTranspose(
-                        filters, (2, 2), "down_right", dtype=policy, name=f"double_ul_{r}"
-                    )
-                )
+        # First half ("up pass" in the authors' code), full resolution first; then the
+        # second half ("down pass") from the lowest resolution back up, with nr resnets at
+        # the lowest resolution and nr + 1 at the others, so every pushed tensor is
+        # consumed. Each level's dropout masks are numbered after the previous level's.
+        nr, levels = residual_layers_per_block, residual_blocks
+        self.up, self.down, index = [], [], 0
+        for r in range(levels):
+            self.up.append(UpLevel(r, nr, r + 1 < levels, index, resnet_args))
+            index += 2 * nr
+        for r in reversed(range(levels)):
+            n = nr if r == levels - 1 else nr + 1
+            target = self.sizes[r - 1] if r > 0 else None
+            self.down.append(DownLevel(r, n, target, index, resnet_args))
+            index += 2 * n
 
         # The output layer always computes in float32: bfloat16 keeps 8 significant bits,
         # so means near 1 would be quantised to half a bin of the 8-bit grid.
         self.out_nin = WeightNormConv2D(self.num_params, dtype="float32", name="out_nin")
 
-        # tf.train.Checkpoint follows attributes, not nested lists: give every layer in
-        # the lists above an attribute of its own name, or checkpoints would miss them.
-        nested = [self.up_u, self.up_ul, self.down_u, self.down_ul]
-        flat = [layer for lists in nested for group in lists for layer in group]
-        for layer in flat + self.halve_u + self.halve_ul + self.double_u + self.double_ul:
-            setattr(self, layer.name, layer)
+    def level(self, half: str, resolution: int) -> UpLevel | DownLevel:
+        """The level of the first ("up") or second ("down") half at a resolution (0: full)."""
+        levels = self.up if half == "up" else self.down[::-1]
+        return levels[resolution]
+
+    def layers_by_name(self) -> dict[str, keras.layers.Layer]:
+        """Every convolution and gated resnet of the network by its unique name
+        (first_u, up_ul_0_1, halve_u_0, down_u_2_0, double_ul_1, out_nin, ...), in the
+        order their variables were created."""
+        parts = [self.first_u, self.first_ul_above, self.first_ul_left]
+        for level in (*self.up, *self.down):
+            parts += level.parts()
+        parts.append(self.out_nin)
+        return {layer.name: layer for layer in parts}
+
+    def convolutions(self) -> list:
+        """Every weight-normalised convolution, the gated resnets' included."""
+        convs = []
+        for layer in self.layers_by_name().values():
+            convs += layer.convolutions() if isinstance(layer, GatedResnet) else [layer]
+        return convs
+
+    def checkpointable(self) -> tf.Module:
+        """The network as ``tf.train.Checkpoint`` sees it: a module whose attributes are
+        ``layers_by_name()``.
+
+        TensorFlow's object graph does not follow Keras 3's lists of layers, so a
+        checkpoint of the model itself would miss the levels. These names are also
+        the ones checkpoints have used since before the levels existed (every layer
+        was then an attribute of the model), so those checkpoints keep loading.
+        """
+        view = tf.Module(name=self.name)
+        for name, layer in self.layers_by_name().items():
+            setattr(view, name, layer)
+        return view
 
     # ------------------------------------------------------------------ forward pass
     def one_hot(self, labels):
@@ -262,44 +357,20 @@ class PixelCNNPP(keras.Model):
         seed = dropout_seed
         x = tf.concat([x, tf.ones_like(x[..., :1])], axis=-1)  # the extra ones channel
 
-        shared = SharedConcatElu()
+        run = dict(h=h, training=training, init=init, seed=seed)
         u = down_shift(self.first_u(x, init=init))
         ul = down_shift(self.first_ul_above(x, init=init)) + right_shift(
             self.first_ul_left(x, init=init)
         )
-        us, uls = [u], [ul]
-        for r in range(self.residual_blocks):
-            for u_block, ul_block in zip(self.up_u[r], self.up_ul[r], strict=True):
-                u = u_block(u, h=h, training=training, init=init, shared=shared, seed=seed)
-                ul = ul_block(ul, a=u, h=h, training=training, init=init, shared=shared, seed=seed)
-                us.append(u)
-                uls.append(ul)
-            if r + 1 < self.residual_blocks:
-                u = self.halve_u[r](u, init=init)
-                ul = self.halve_ul[r](ul, init=init)
-                us.append(u)
-                uls.append(ul)
-
-        u, ul = us.pop(), uls.pop()
-        for k, r in enumerate(reversed(range(self.residual_blocks))):
-            if k > 0:
-                u = self.double_u[k - 1](u, target_hw=self.sizes[r], init=init)
-                ul = self.double_ul[k - 1](ul, target_hw=self.sizes[r], init=init)
-            for u_block, ul_block in zip(self.down_u[k], self.down_ul[k], strict=True):
-                u = u_block(
-                    u, a=us.pop(), h=h, training=training, init=init, shared=shared, seed=seed
-                )
-                # a = concat([u, skip]) on channels, passed as its parts (see GatedResnet)
-                ul = ul_block(
-                    ul,
-                    a=(u, uls.pop()),
-                    h=h,
-                    training=training,
-                    init=init,
-                    shared=shared,
-                    seed=seed,
-                )
-        assert not us and not uls, "every skip connection must be consumed"
+        stack = [(u, ul)]  # every (u, ul) the first half produces, read back by the second
+        for level in self.up:
+            stack += level.forward(u, ul, **run)
+            u, ul = stack[-1]
+        u, ul = stack.pop()
+        for level in self.down:
+            skips = [stack.pop() for _ in level.u]
+            u, ul = level.forward(u, ul, skips, **run)
+        assert not stack, "every skip connection must be consumed"
         return self.out_nin(tf.nn.elu(tf.cast(ul, tf.float32)), init=init)
 
     # ------------------------------------------------------------------ conveniences

@@ -191,6 +191,6 @@ def load_for_inference(
         # argument explicit, so gin bindings cannot interfere
         model = PixelCNNPP(**config.to_json())
         model.build_variables()
-        ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model})
+        ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model.checkpointable()})
         path = restore_newest_good(ckpt, candidates, partial=True)
     return model, path

@@ -285,18 +285,6 @@ def _trailing_zeros(n: int) -> int:
     return (n & -n).bit_length() - 1
 
 
-def _conv_layers(model) -> list:
-    """Every weight-normalised conv of the model (the layers the fast sampler applies)."""
-    layers = [model.first_u, model.first_ul_above, model.first_ul_left, model.out_nin]
-    layers += [*model.halve_u, *model.halve_ul, *model.double_u, *model.double_ul]
-    for blocks in (*model.up_u, *model.up_ul, *model.down_u, *model.down_ul):
-        for block in blocks:
-            layers += [block.conv1, block.conv2]
-            if block.nin_aux is not None:
-                layers.append(block.nin_aux)
-    return layers
-
-
 class CachedGeneration:
     """The cached generation program for one model (traced once per batch size).
 
@@ -351,14 +339,7 @@ class CachedGeneration:
         self.sizes = model.sizes
         self.filters = model.filters
         self.dtype = tf.as_dtype(model.compute_dtype)
-        levels = self.levels
-        # Down-pass layers indexed by resolution; the transposed conv leaving resolution r
-        # (r >= 1) was created while building resolution r (model.double_*[levels-1-r]).
-        self.down_u = {levels - 1 - k: blocks for k, blocks in enumerate(model.down_u)}
-        self.down_ul = {levels - 1 - k: blocks for k, blocks in enumerate(model.down_ul)}
-        self.double_u = {r: model.double_u[levels - 1 - r] for r in range(1, levels)}
-        self.double_ul = {r: model.double_ul[levels - 1 - r] for r in range(1, levels)}
-        self.block = 2 ** (levels - 1)
+        self.block = 2 ** (self.levels - 1)
         height, width, _ = model.image_shape
         self.padded_hw = (
             -(-height // self.block) * self.block,
@@ -433,11 +414,9 @@ class CachedGeneration:
         """Names of the cached streams of one kind, "u" (whole rows) or "ul" (single
         positions): (resolution, key, channels)."""
         f = self.filters
-        up = self.model.up_u if kind == "u" else self.model.up_ul
-        down = self.down_u if kind == "u" else self.down_ul
         for r in range(self.levels):
-            for part, blocks in (("up", up[r]), ("down", down[r])):
-                for k in range(len(blocks)):
+            for part in ("up", "down"):
+                for k in range(len(self.model.level(part, r).u)):
                     yield r, f"{kind}/r{r}/{part}{k}/c1", 2 * f
                     yield r, f"{kind}/r{r}/{part}{k}/c2", 2 * f
             if r + 1 < self.levels:
@@ -512,16 +491,18 @@ class CachedGeneration:
 
         rows, skips, halved = {}, {}, {}
         for r in range(top + 1):  # first half ("up pass")
-            u = first if r == 0 else self._linear(model.halve_u[r - 1], halved[r - 1])
+            level = model.level("up", r)
+            u = first if r == 0 else self._linear(model.level("up", r - 1).halve_u, halved[r - 1])
             skips[r] = [u]
-            for k, block in enumerate(model.up_u[r]):
+            for k, block in enumerate(level.u):
                 u = self._u_resnet_row(block, state, f"u/r{r}/up{k}", u, None, h)
-                rows[f"r{r}/up{k}"] = u
+                rows[r, "up", k] = u
                 skips[r].append(u)
             if r + 1 < self.levels:
                 # Stride-2 conv: row a' of r + 1 reads padded rows 2a' - 1, 2a' of r.
                 halved[r] = self._row_window(state, f"u/r{r}/halve", u)
         for r in range(top, -1, -1):  # second half ("down pass")
+            level = model.level("down", r)
             if r + 1 < self.levels:
                 # Rows 2a', 2a' + 1 of the transposed conv's output came from row a' of
                 # r + 1: computed just now on even rows (r < top), one row earlier on odd.
@@ -529,16 +510,16 @@ class CachedGeneration:
                 u = state[f"u/r{r}/double"][:, parity : parity + 1, : self.sizes[r][1]]
             else:
                 u = skips[r].pop()
-            for k, block in enumerate(self.down_u[r]):
+            for k, block in enumerate(level.u):
                 u = self._u_resnet_row(block, state, f"u/r{r}/down{k}", u, skips[r].pop(), h)
-                rows[f"r{r}/down{k}"] = u
+                rows[r, "down", k] = u
             assert not skips[r], "every u skip connection must be consumed"
             if r > 0:
-                state[f"u/r{r - 1}/double"] = self._linear(self.double_u[r], u)
+                state[f"u/r{r - 1}/double"] = self._linear(level.double_u, u)
 
-        for key, row in rows.items():
-            extra = wp // 2 ** int(key.split("/")[0][1:]) - row.shape[2]
-            rows[key] = tf.pad(row, [[0, 0], [0, 0], [0, extra], [0, 0]])
+        for (r, part, k), row in rows.items():
+            extra = wp // 2**r - row.shape[2]
+            rows[r, part, k] = tf.pad(row, [[0, 0], [0, 0], [0, extra], [0, 0]])
         for r, key, _ in self._ul_streams():
             if r <= top:
                 state[key + "/prev"], state[key + "/cur"] = (
@@ -582,16 +563,18 @@ class CachedGeneration:
                     j > 0, left, tf.zeros_like(left)
                 )
             else:
-                ul = self._linear(model.halve_ul[r - 1], halved[r - 1])  # [N, 1, 1, F]
+                halve_ul = model.level("up", r - 1).halve_ul
+                ul = self._linear(halve_ul, halved[r - 1])  # [N, 1, 1, F]
             skips[r] = [ul]
-            for k, block in enumerate(model.up_ul[r]):
-                aux = self._window(rows[f"r{r}/up{k}"], 0, b, 1, 1)
+            for k, block in enumerate(model.level("up", r).ul):
+                aux = self._window(rows[r, "up", k], 0, b, 1, 1)
                 ul = self._ul_resnet_pos(block, state, prev, f"ul/r{r}/up{k}", b, ul, aux, h)
                 skips[r].append(ul)
             if r + 1 < self.levels:
                 halved[r] = self._pos_window(state, prev, f"ul/r{r}/halve", b, ul)
         for r in range(level, -1, -1):  # second half
             b = j // 2**r
+            down = model.level("down", r)
             if r + 1 < self.levels:
                 # Output (a, b) of the transposed conv from r + 1 is input (a // 2, b // 2)
                 # times tap (a % 2, b % 2). Even a (r < top): the latest block, b % 2 =
@@ -603,13 +586,13 @@ class CachedGeneration:
                     ul = self._window(prev[f"ul/r{r}/double/prev"], 0, b, 1, 1)
             else:
                 ul = skips[r].pop()
-            for k, block in enumerate(self.down_ul[r]):
-                u_row = self._window(rows[f"r{r}/down{k}"], 0, b, 1, 1)
+            for k, block in enumerate(down.ul):
+                u_row = self._window(rows[r, "down", k], 0, b, 1, 1)
                 aux = tf.concat([u_row, skips[r].pop()], axis=-1)
                 ul = self._ul_resnet_pos(block, state, prev, f"ul/r{r}/down{k}", b, ul, aux, h)
             assert not skips[r], "every ul skip connection must be consumed"
             if r > 0:
-                doubled = self._linear(self.double_ul[r], ul)  # [N, 2, 2, F]
+                doubled = self._linear(down.double_ul, ul)  # [N, 2, 2, F]
                 state[f"ul/r{r - 1}/double/last"] = doubled
                 cur = f"ul/r{r - 1}/double/cur"
                 state[cur] = self._put(state[cur], doubled[:, 1:], 0, 2 * b)
@@ -655,7 +638,7 @@ class CachedGeneration:
                 tf.cast(layer.weight_normed_kernel(), self.dtype),
                 tf.cast(layer.b, self.dtype),
             )
-            for layer in _conv_layers(model)
+            for layer in model.convolutions()
         }
         h = model.one_hot(labels)
         read_only = ("/prev",)

@@ -618,8 +618,8 @@ class _Checkpoints:
             else run_dir / f"tmp_worker_{distribute.task_id(strategy)}"
         )
         self.checkpoint = tf.train.Checkpoint(
-            model=trainer.model,
-            ema=trainer.ema,
+            model=trainer.model.checkpointable(),
+            ema=trainer.ema.checkpointable(),
             optimizer=trainer.optimizer,
             epoch=trainer.epoch,
             step_in_epoch=trainer.step_in_epoch,

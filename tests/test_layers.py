@@ -1,5 +1,5 @@
 """Layers: concat_elu and its dropout against autodiff and float64, the dropout masks,
-the weight-normalised convolutions' linear maps (folded scale, parts)."""
+the weight-normalised convolutions' linear maps (folded scale, recompute)."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ def test_dropout_mask_rate_and_scale(rate):
 
 
 def plain_concat_elu(x):
-    """The formula, differentiated by autodiff (the layers' versions have own gradients)."""
+    """The formula in the computation's own dtype, differentiated by autodiff."""
     return tf.nn.elu(tf.concat([x, -x], axis=-1))
 
 
@@ -101,29 +101,3 @@ def test_conv_on_folds_the_scale_into_the_kernel(rng, recompute):
         strict=True,
     ):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("recompute", [True, False])
-def test_conv_on_parts_equals_conv_on_their_concatenation(rng, recompute):
-    nin = layers.WeightNormConv2D(4)
-    u = tf.constant(rng.normal(size=(2, 3, 5, 3)), tf.float32)
-    s = tf.constant(rng.normal(size=(2, 3, 5, 2)), tf.float32)
-    nin(plain_concat_elu(tf.concat([u, s], -1)), init=True)
-    dy = tf.constant(rng.normal(size=(2, 3, 5, 4)), tf.float32)
-    shared = layers.SharedConcatElu()
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([u, s])
-        # the parts' concat_elu comes from the shared cache, as in the network
-        fx = (shared(u), shared(s))
-        parts = nin.conv_of_activation(layers.concat_elu, (u, s), recompute=recompute, fx=fx)
-        whole = nin(plain_concat_elu(tf.concat([u, s], -1)))
-        parts_sum, whole_sum = tf.reduce_sum(parts * dy), tf.reduce_sum(whole * dy)
-    assert shared(u) is fx[0]  # computed once
-    np.testing.assert_allclose(parts.numpy(), whole.numpy(), rtol=1e-5, atol=1e-5)
-    sources = [u, s, *nin.trainable_variables]
-    for a, b in zip(
-        tape.gradient(parts_sum, sources), tape.gradient(whole_sum, sources), strict=True
-    ):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="1x1"):
-        layers.WeightNormConv2D(4, (2, 3), "down").conv_of_activation(layers.concat_elu, (u, s))

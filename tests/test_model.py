@@ -92,13 +92,19 @@ def test_output_shapes(rng, shape, blocks):
     assert lp.shape == (3,) and np.all(np.isfinite(lp.numpy()))
 
 
-def test_paper_sizes_build():
+def test_paper_sizes_build(tmp_path):
     model = PixelCNNPP((32, 32, 3))
     model(tf.zeros([1, 32, 32, 3]))
     # 3 resolutions: 15 + 16 + 16... resnets per stream; 10 mixtures of RGB: 100 outputs
     assert model.num_params == 100
-    n_resnets = sum(len(b) for b in model.up_u + model.down_u)
+    n_resnets = sum(len(level.u) for level in model.up + model.down)
     assert n_resnets == 5 * 3 + 5 + 6 + 6
+    assert [level.resolution for level in model.down] == [2, 1, 0]
+    # every variable is in the checkpoint (TensorFlow's object graph does not follow
+    # Keras' lists of layers: checkpointable() is what checkpoints see)
+    path = tf.train.Checkpoint(model=model.checkpointable()).write(str(tmp_path / "ckpt"))
+    saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
+    assert len(saved) == len(model.weights)
 
 
 # ----------------------------------------------------------------- weight-norm init
