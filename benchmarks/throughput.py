@@ -47,8 +47,7 @@ def record_products(model, images) -> list:
     """[(layer, input shape, kernel shape, output shape)] of every linear map of one pass.
 
     Recorded at ``linear_map``, the linear map itself, whichever path calls it; its input
-    is already padded. A 1x1 layer fed several parts (see ``WeightNormConv2D.conv_of_activation``) runs
-    one product per part, each on its own rows of the kernel.
+    is already padded.
     """
     from pixelcnn.layers import WeightNormConv2D, WeightNormConv2DTranspose
 

@@ -305,12 +305,12 @@ class _Preemption:
     """
 
     def __init__(self, strategy, checkpoints: _Checkpoints, run_dir: Path, stop):
-        resolver = getattr(strategy, "cluster_resolver", None)
         self.handler = None
         self.step = None
         self.signalled = False
-        if resolver is None or not resolver.cluster_spec().jobs:
+        if not _multi_worker(strategy):
             return
+        resolver = strategy.cluster_resolver
         self.checkpoints = checkpoints
         self.scratch = run_dir / f"workertemp_{distribute.task_id(strategy)}"
         config = tf.distribute.experimental.TerminationConfig(
@@ -472,8 +472,10 @@ def train(
     stopped = None
     with _StopRequested() as stop:
         run = _Run(trainer, test_ds, summaries, checkpoints, run_dir, start, batch_size, stop)
-        run.preemption = _Preemption(strategy, checkpoints, run_dir, stop)
         try:
+            # inside the try: its variable is made by a collective, which a worker lost
+            # while the others start up makes fail
+            run.preemption = _Preemption(strategy, checkpoints, run_dir, stop)
             while stopped is None and _value(trainer.epoch) < max_epoch:
                 if max_steps is not None and _value(trainer.step) >= max_steps:
                     break
@@ -514,11 +516,12 @@ def train(
                 "commands on every worker, with the same --log-dir, to resume"
             ) from None
         except tf.errors.OpError as e:
-            if run.preemption.handler is None or not _lost_worker(e):
+            if not _multi_worker(strategy) or not _lost_worker(e):
                 raise
             raise WorkerLost(_lost_worker_message(e, run_dir)) from None
         finally:
-            run.preemption.remove_scratch()
+            if run.preemption is not None:
+                run.preemption.remove_scratch()
         # The run is complete: a signal now only waits for this last save.
         if checkpoints.saved_step != _value(trainer.step):
             checkpoints.save("end")
@@ -529,6 +532,11 @@ def train(
     if chief:
         rundir.write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _multi_worker(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is not None and bool(resolver.cluster_spec().jobs)
 
 
 def _lost_worker(error: tf.errors.OpError) -> bool:

@@ -367,7 +367,9 @@ def test_max_minutes_stops_in_time_with_a_final_evaluation_and_checkpoint(tmp_pa
     elapsed = time.monotonic() - began
     assert result["stopped"] == "max_minutes"
     assert elapsed < 60 * budget, elapsed  # the final evaluation and save fit the budget
-    assert result["step"] > 5 and result["evaluations"][-1]["step"] == result["step"]
+    # it trained past its first step (how far depends on the machine: 2 steps on a slow,
+    # loaded one), and the final evaluation is of the last step
+    assert result["step"] >= 2 and result["evaluations"][-1]["step"] == result["step"]
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == result["step"]
     assert json.loads((tmp_path / "metrics.json").read_text())["stopped"] == "max_minutes"
