@@ -89,9 +89,13 @@ def package_step(arch, precision, mode, images, recompute=None, patch=None):
 
 
 def reference_step(arch, precision, mode, images, source):
+    """The reference's step, from ``source``'s (a package Trainer's) weights; checks
+    first that the reference computes the package's parameters (EMA weights)."""
     trainer = reference.ReferenceTrainer(arch | {"dropout_rate": 0.5}, precision)
     reference.copy_weights(source.model, trainer.model)
     reference.copy_weights(source.ema, trainer.ema)
+    gap = float(tf.reduce_max(tf.abs(trainer.ema(images) - source.ema(images))))
+    assert gap < 1e-3, f"the reference computes another network (max difference {gap})"
     return trainer.train_step if mode != "eval" else trainer.eval_step
 
 
@@ -145,12 +149,6 @@ def main() -> None:
     for mode in args.modes.split(","):
         precision = "bfloat16" if mode == "train_bfloat16" else "float32"
         base, trainer = package_step(arch, precision, mode, images)
-        # The reference computes what the package computes (EMA weights, no dropout).
-        ref = reference.ReferencePixelCNNPP(**arch)
-        ref.build_variables()
-        reference.copy_weights(trainer.ema, ref)
-        gap = float(tf.reduce_max(tf.abs(ref(images) - trainer.ema(images))))
-        assert gap < 1e-3, f"the reference computes another network (max difference {gap})"
         comparisons = [
             ("reference (plain network)", reference_step(arch, precision, mode, images, trainer))
         ]

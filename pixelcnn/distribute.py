@@ -55,6 +55,12 @@ def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strateg
     raise ValueError(f"unknown strategy {kind!r}: use single, multigpu or multiworker")
 
 
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy spans a cluster of workers (TF_CONFIG)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    return resolver is not None and bool(resolver.cluster_spec().jobs)
+
+
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:

@@ -102,9 +102,9 @@ def concat_elu_dropout(x: tf.Tensor, keep: tf.Tensor) -> tf.Tensor:
 
     Unscaled: the caller multiplies by the dropout scale, or better folds it into the
     kernel of the linear map that follows (``WeightNormConv2D.conv_of_activation``),
-    which saves a pass over the tensor each way. The gradient is computed from the output (which
-    the next convolution keeps anyway) and the boolean mask, so the network does not
-    also keep the elu's output.
+    which saves a pass over the tensor each way. The gradient is computed from the
+    output (which the next convolution keeps anyway) and the boolean mask, so the
+    network does not also keep the elu's output.
     """
 
     @tf.custom_gradient

@@ -115,22 +115,39 @@ def _resnets(stream, half, r, count, has_aux, first_index, args):
     ]
 
 
-class UpLevel(keras.layers.Layer):
-    """One resolution of the first half ("up pass"): ``count`` gated resnets on each
-    stream, the ul resnet reading the new u as its auxiliary input; then, unless this is
-    the lowest resolution, a stride-2 conv of each stream (``halve_u``, ``halve_ul``).
+class _Level(keras.layers.Layer):
+    """One resolution of one half of the network: ``count`` gated resnets on each
+    stream (``u``, ``ul``) and the pair of stride-2 convs that leave it (``resampling``).
 
-    ``forward`` returns every (u, ul) it produces: the skips the second half reads.
     The levels run through ``forward``, not Keras' ``__call__``, so no name scope of
     their own enters the variables' paths (codec files name the weights by them).
     """
 
-    def __init__(self, resolution, count, halve, first_index, resnet_args, **kwargs):
-        super().__init__(name=f"up_{resolution}", dtype=resnet_args[-1], **kwargs)
-        r, policy, filters = resolution, resnet_args[-1], resnet_args[0]
-        self.resolution = r
-        self.u = _resnets("u", "up", r, count, False, first_index, resnet_args)
-        self.ul = _resnets("ul", "up", r, count, True, first_index + count, resnet_args)
+    def __init__(self, half, resolution, count, u_has_aux, first_index, resnet_args):
+        super().__init__(name=f"{half}_{resolution}", dtype=resnet_args[-1])
+        r = self.resolution = resolution
+        self.u = _resnets("u", half, r, count, u_has_aux, first_index, resnet_args)
+        self.ul = _resnets("ul", half, r, count, True, first_index + count, resnet_args)
+        self.built = True  # no variables of its own
+
+    def resampling(self) -> tuple:
+        raise NotImplementedError
+
+    def parts(self) -> list:
+        """The level's resnets and convs, in the order their variables were created."""
+        return [*self.u, *self.ul, *[c for c in self.resampling() if c is not None]]
+
+
+class UpLevel(_Level):
+    """A resolution of the first half ("up pass"): the ul resnet reads the new u as its
+    auxiliary input; then, unless this is the lowest resolution, a stride-2 conv of each
+    stream (``halve_u``, ``halve_ul``). ``forward`` returns every (u, ul) it produces:
+    the skips the second half reads.
+    """
+
+    def __init__(self, resolution, count, halve, first_index, resnet_args):
+        super().__init__("up", resolution, count, False, first_index, resnet_args)
+        filters, policy, r = resnet_args[0], resnet_args[-1], resolution
         self.halve_u = self.halve_ul = None
         if halve:
             self.halve_u = WeightNormConv2D(
@@ -139,10 +156,9 @@ class UpLevel(keras.layers.Layer):
             self.halve_ul = WeightNormConv2D(
                 filters, (2, 2), "down_right", 2, dtype=policy, name=f"halve_ul_{r}"
             )
-        self.built = True  # no variables of its own
 
-    def parts(self) -> list:
-        return [*self.u, *self.ul, *[c for c in (self.halve_u, self.halve_ul) if c]]
+    def resampling(self) -> tuple:
+        return self.halve_u, self.halve_ul
 
     def forward(self, u, ul, h=None, training=False, init=False, seed=None):
         """u, ul: [B, Hr, Wr, F] -> [(u, ul)] after each resnet pair, then halved."""
@@ -157,21 +173,18 @@ class UpLevel(keras.layers.Layer):
         return outputs
 
 
-class DownLevel(keras.layers.Layer):
-    """One resolution of the second half ("down pass"): ``count`` gated resnets on each
-    stream whose auxiliary inputs are the first half's outputs at this resolution, last
-    pushed first (u reads the u skip, ul reads concat(u, ul skip)); then, unless this is
-    the full resolution, a stride-2 transposed conv of each stream (``double_u``,
-    ``double_ul``) up to ``target_hw``, the next resolution's size.
+class DownLevel(_Level):
+    """A resolution of the second half ("down pass"): the resnets' auxiliary inputs are
+    the first half's outputs at this resolution, last pushed first (u reads the u skip,
+    ul reads concat(u, ul skip)); then, unless this is the full resolution, a stride-2
+    transposed conv of each stream (``double_u``, ``double_ul``) up to ``target_hw``,
+    the next resolution's size.
     """
 
-    def __init__(self, resolution, count, target_hw, first_index, resnet_args, **kwargs):
-        super().__init__(name=f"down_{resolution}", dtype=resnet_args[-1], **kwargs)
-        r, policy, filters = resolution, resnet_args[-1], resnet_args[0]
-        self.resolution = r
+    def __init__(self, resolution, count, target_hw, first_index, resnet_args):
+        super().__init__("down", resolution, count, True, first_index, resnet_args)
+        filters, policy, r = resnet_args[0], resnet_args[-1], resolution
         self.target_hw = target_hw
-        self.u = _resnets("u", "down", r, count, True, first_index, resnet_args)
-        self.ul = _resnets("ul", "down", r, count, True, first_index + count, resnet_args)
         self.double_u = self.double_ul = None
         if target_hw is not None:
             self.double_u = WeightNormConv2DTranspose(
@@ -180,10 +193,9 @@ class DownLevel(keras.layers.Layer):
             self.double_ul = WeightNormConv2DTranspose(
                 filters, (2, 2), "down_right", dtype=policy, name=f"double_ul_{r}"
             )
-        self.built = True  # no variables of its own
 
-    def parts(self) -> list:
-        return [*self.u, *self.ul, *[c for c in (self.double_u, self.double_ul) if c]]
+    def resampling(self) -> tuple:
+        return self.double_u, self.double_ul
 
     def forward(self, u, ul, skips, h=None, training=False, init=False, seed=None):
         """u, ul: [B, Hr, Wr, F]; skips: [(u, ul)], one per resnet pair, in the order

@@ -308,7 +308,7 @@ class _Preemption:
         self.handler = None
         self.step = None
         self.signalled = False
-        if not _multi_worker(strategy):
+        if not distribute.is_multi_worker(strategy):
             return
         resolver = strategy.cluster_resolver
         self.checkpoints = checkpoints
@@ -516,7 +516,7 @@ def train(
                 "commands on every worker, with the same --log-dir, to resume"
             ) from None
         except tf.errors.OpError as e:
-            if not _multi_worker(strategy) or not _lost_worker(e):
+            if not distribute.is_multi_worker(strategy) or not _lost_worker(e):
                 raise
             raise WorkerLost(_lost_worker_message(e, run_dir)) from None
         finally:
@@ -532,11 +532,6 @@ def train(
     if chief:
         rundir.write_text_atomic(run_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _multi_worker(strategy) -> bool:
-    resolver = getattr(strategy, "cluster_resolver", None)
-    return resolver is not None and bool(resolver.cluster_spec().jobs)
 
 
 def _lost_worker(error: tf.errors.OpError) -> bool:
