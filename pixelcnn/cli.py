@@ -178,6 +178,8 @@ def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
     """The run's (train, test) datasets, rebuilt from run_dir/config.gin."""
     import gin
 
+    from pixelcnn import internals
+
     try:
         parse_gin((str(run_dir / "config.gin"), *ctx.obj["configs"]), ctx.obj["bindings"])
     except click.UsageError as e:
@@ -190,9 +192,8 @@ def _run_dataset(ctx, run_dir: Path, batch_size: int, split: str):
             ) from e
         raise
     try:
-        train_ds, test_ds = gin.query_parameter("train.dataset_fn").scoped_configurable_fn(
-            batch_size
-        )
+        dataset_fn = gin.query_parameter("train.dataset_fn")
+        train_ds, test_ds = internals.call_gin_reference(dataset_fn, batch_size)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(f"cannot rebuild the run's dataset: {e}") from e
     return train_ds if split == "train" else test_ds

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import contract, likelihood, sampling
+from pixelcnn import contract, internals, likelihood, sampling
 
 __all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
 
@@ -242,16 +242,8 @@ def _stack() -> dict:
         # CPU kernels may split a reduction differently with another thread count
         "threads": f"{os.cpu_count()} cores, intra-op "
         f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}",
-        "op_determinism": _op_determinism(),
+        "op_determinism": internals.op_determinism_enabled(),
     }
-
-
-def _op_determinism() -> bool:
-    """Whether tf.config.experimental.enable_op_determinism() is in effect (TensorFlow
-    exports the setter only; the getter is in its config module)."""
-    from tensorflow.python.framework import config
-
-    return bool(config.is_op_determinism_enabled())
 
 
 STACK_FIELDS = ("tensorflow", "constriction", "numpy", "device", "threads", "op_determinism")

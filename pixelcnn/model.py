@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import gin
 import keras
 import tensorflow as tf
 
-from pixelcnn import contract, likelihood
+from pixelcnn import contract, internals, likelihood
 from pixelcnn.layers import (
     GatedResnet,
     WeightNormConv2D,
@@ -447,6 +446,4 @@ class PixelCNNPP(keras.Model):
             self.build_variables()
 
 
-# gin wraps __init__ as (*args, **kwargs); Keras inspects the constructor's argspec to
-# record its config, so give the wrapper the real signature back.
-PixelCNNPP.__init__.__signature__ = inspect.signature(PixelCNNPP.__init__.__wrapped__)
+internals.keep_constructor_signature(PixelCNNPP)

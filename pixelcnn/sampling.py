@@ -44,9 +44,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python import xla
 
-from pixelcnn import contract, distribute, likelihood
+from pixelcnn import contract, distribute, internals, likelihood
 from pixelcnn.layers import WeightNormConv2DTranspose, concat_elu
 
 if TYPE_CHECKING:
@@ -373,9 +372,7 @@ class CachedGeneration:
         """buf with ``value`` [N, h, w, C] written at spatial offset (row, col)."""
         value = tf.cast(value, buf.dtype)
         if self.jit:
-            # XLA's dynamic-update-slice, in place inside the compiled loop (tf.raw_ops
-            # does not export XlaDynamicUpdateSlice; tf2xla's wrapper emits it).
-            return xla.dynamic_update_slice(buf, value, tf.stack([0, row, col, 0]))
+            return internals.dynamic_update_slice(buf, value, tf.stack([0, row, col, 0]))
         n, h, w, _ = value.shape
         grid = tf.meshgrid(tf.range(n), row + tf.range(h), col + tf.range(w), indexing="ij")
         return tf.tensor_scatter_nd_update(buf, tf.stack(grid, axis=-1), value)

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pixelcnn import contract, distribute, likelihood, rundir, sampling
+from pixelcnn import contract, distribute, internals, likelihood, rundir, sampling
 from pixelcnn.images import make_grid, save_png
 from pixelcnn.model import PixelCNNPP
 
@@ -362,11 +362,9 @@ class _Preemption:
 
     def close(self) -> None:
         """Stops the handler's thread that watches the cluster while every worker is
-        still up (else it fails, with a traceback, once the chief has exited). TF stops
-        it only in the handler's __del__, which that thread's reference keeps from
-        running."""
+        still up (``internals.stop_termination_watcher``)."""
         if self.handler is not None:
-            self.handler._stop_cluster_wise_termination_watcher_thread()
+            internals.stop_termination_watcher(self.handler)
 
     def remove_scratch(self) -> None:
         """Deletes the folder the handler creates on non-chief workers (it deletes it

@@ -1,0 +1,68 @@
+"""Every use of an internal of TensorFlow or gin, each where no public API serves.
+
+Nothing else in the package imports ``tensorflow.python`` or ``tensorflow.compiler`` or
+touches an underscore attribute of TensorFlow, Keras or gin. Each function says why
+the internal is needed; ``tests/test_internals.py`` fails with a clear message when a
+release moves one of them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import tensorflow as tf
+
+
+def dynamic_update_slice(buf: tf.Tensor, value: tf.Tensor, start: tf.Tensor) -> tf.Tensor:
+    """``buf`` with ``value`` written at offset ``start`` ([rank] int32), in place
+    inside an XLA-compiled loop.
+
+    The cached sampler's buffers are updated at every pixel; XLA's DynamicUpdateSlice
+    does it in place, where a scatter (``tf.tensor_scatter_nd_update``) or a
+    ``tf.concat`` of slices copies the buffer. ``tf.raw_ops`` does not export
+    XlaDynamicUpdateSlice; tf2xla's Python wrapper is the only way to emit it.
+    """
+    from tensorflow.compiler.tf2xla.python import xla
+
+    return xla.dynamic_update_slice(buf, value, start)
+
+
+def op_determinism_enabled() -> bool:
+    """Whether ``tf.config.experimental.enable_op_determinism()`` is in effect.
+
+    TensorFlow exports the setter only; the getter lives in its config module. The
+    codec records it, because a decode on another setting may pick other kernels.
+    """
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
+def stop_termination_watcher(handler) -> None:
+    """Stops the thread of a ``tf.distribute.experimental.PreemptionCheckpointHandler``
+    that watches the cluster for a termination notice.
+
+    It must stop while every worker is still up (else it fails, with a traceback, once
+    the chief has exited); TensorFlow stops it only in the handler's ``__del__``, which
+    that thread's own reference to the handler keeps from running.
+    """
+    handler._stop_cluster_wise_termination_watcher_thread()
+
+
+def call_gin_reference(reference, *args):
+    """Calls the configurable a gin binding refers to (``gin.query_parameter`` of
+    ``train.dataset_fn = @mnist`` gives a reference to ``mnist``) with its own bindings.
+
+    gin offers no public way to call a queried reference; its undocumented
+    ``scoped_configurable_fn`` is the configurable with the reference's scope applied.
+    """
+    return reference.scoped_configurable_fn(*args)
+
+
+def keep_constructor_signature(cls) -> None:
+    """Gives a gin-configurable Keras class's ``__init__`` its real signature back.
+
+    ``gin.configurable`` wraps ``__init__`` as ``(*args, **kwargs)``, and Keras reads the
+    constructor's signature to record its config (``.keras`` saving).
+    """
+    cls.__init__.__signature__ = inspect.signature(cls.__init__.__wrapped__)
