@@ -35,7 +35,7 @@ from throughput import CONFIGS, matmul_peak  # noqa: E402
 
 from pixelcnn import layers  # noqa: E402
 from pixelcnn.model import PixelCNNPP  # noqa: E402
-from pixelcnn.train import Trainer  # noqa: E402
+from pixelcnn.trainer import Trainer  # noqa: E402
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@
 B1 is the original TF2 code's MNIST configuration (32x32x1, filters 64, 2 layers per block,
 3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
 per block, 10 mixtures, batch 8). The timed steps are the ones training uses
-(pixelcnn.train.Trainer.train_step / eval_step), on synthetic data already in memory.
+(pixelcnn.trainer.Trainer.train_step / eval_step), on synthetic data already in memory.
 Each row runs in a fresh process, so its peak RSS is its own. Each row also measures
 the matmul peak right before and right after its timings, and its fractions are of the
 mean of the two: this machine's peak drifts by tens of percent over minutes. Evaluation
@@ -128,7 +128,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
     import tensorflow as tf
 
     from pixelcnn.model import PixelCNNPP
-    from pixelcnn.train import Trainer
+    from pixelcnn.trainer import Trainer
 
     cfg = dict(CONFIGS[name])
     batch = cfg.pop("batch")

@@ -15,6 +15,7 @@ Public API:
 """
 
 from pixelcnn import codec
+from pixelcnn.checkpoints import load_for_inference
 from pixelcnn.likelihood import (
     bits_per_dim,
     mixture_log_prob,
@@ -23,7 +24,6 @@ from pixelcnn.likelihood import (
     unpack_params,
 )
 from pixelcnn.model import ModelConfig, PixelCNNPP
-from pixelcnn.rundir import load_for_inference
 from pixelcnn.sampling import complete, sample_fast, sample_naive
 from pixelcnn.serving import export
 

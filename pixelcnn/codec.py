@@ -8,7 +8,7 @@ shifted by the coupling coefficients). So the coded size is the model's -log2 p 
 images plus the coder's overhead and the file's header.
 
 Bit-identical probabilities by construction. Encoder and decoder run the same program:
-the cached generation loop of ``pixelcnn.sampling`` (plain TF graph, no XLA) over
+the cached generation loop of ``pixelcnn.generation`` (plain TF graph, no XLA) over
 batches of exactly ``batch_size`` images, the last one filled up with zero images; at
 each pixel the network's output goes to one Python function (``_PixelCoder``) that
 builds the probability tables in float64 NumPy, then codes the known values (encoder) or
@@ -34,6 +34,7 @@ Nothing is pickled. Labels of a class-conditional model are stored in the header
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -45,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import contract, internals, likelihood, sampling
+from pixelcnn import checks, generation, internals, likelihood
 
 __all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
 
@@ -74,12 +75,16 @@ class _PixelTables:
         p = params.astype(np.float64)
         c, k = channels, mixtures
         self.c, self.k, self.bits = c, k, bits
-        logits = p[:, :k]
+        parts = {
+            name: p[:, start:stop].reshape(len(p), *shape)
+            for name, start, stop, shape in likelihood.param_layout(c, k)
+        }
+        logits = parts["logits"]
         self.log_w = logits - logits.max(axis=1, keepdims=True)  # [N, K], unnormalised
-        self.means = p[:, k : k + c * k].reshape(len(p), c, k)
-        log_scales = p[:, k + c * k : k + 2 * c * k].reshape(len(p), c, k)
-        self.inv_scales = np.exp(-np.maximum(log_scales, likelihood.MIN_LOG_SCALE))
-        self.coeffs = np.tanh(p[:, k + 2 * c * k :].reshape(len(p), c * (c - 1) // 2, k))
+        self.means = parts["means"]
+        log_scales = np.maximum(parts["log_scales"], likelihood.MIN_LOG_SCALE)
+        self.inv_scales = np.exp(-log_scales)
+        self.coeffs = np.tanh(parts["coeffs"])
         top = 2**bits - 1
         self.upper_edges = (2.0 * np.arange(top) + 1.0) / top - 1.0  # the 2**b - 1 inner edges
         self.x = np.zeros((p.shape[0], c))  # the observed values, in [-1, 1]
@@ -145,32 +150,50 @@ class _PixelCoder:
         )
 
 
-def _program(model, batch_size: int):
-    """The coding program for one model and batch size (cached): fn(labels) -> int32
-    [B, H, W, C], running the cached generation with the current ``_PixelCoder``."""
-    per_model = sampling.model_cache(model)
-    key = ("codec", batch_size)
-    if key not in per_model:
-        plan = sampling.CachedGeneration(model, jit=False)
+class _CodingProgram:
+    """The coding program for one model and batch size: the cached generation loop
+    (plain TF graph) whose per-pixel choice is a ``_PixelCoder`` of the caller's.
+
+    Each ``code`` call registers its coder under a token of its own and passes the token
+    into the program, so calls from several threads share the compiled program and
+    never each other's coder.
+    """
+
+    def __init__(self, model, batch_size: int):
+        plan = generation.CachedGeneration(model, jit=False)
         channels = model.image_shape[2]
-        slot = {}
+        self._coders = {}
+        self._tokens = itertools.count()
 
-        def emit(i, j, params):
-            value = tf.numpy_function(
-                lambda i, j, p: slot["coder"](i, j, p), [i, j, params], tf.float32
-            )
-            return tf.ensure_shape(value, [batch_size, channels])
+        def emit_for(token):
+            def emit(i, j, params):
+                value = tf.numpy_function(
+                    lambda t, i, j, p: self._coders[int(t)](i, j, p),
+                    [token, i, j, params],
+                    tf.float32,
+                )
+                return tf.ensure_shape(value, [batch_size, channels])
 
-        def run(labels, zero):
-            return plan.run(labels, batch_size, emit, zero)
+            return emit
 
-        per_model[key] = (tf.function(run, autograph=False), slot)
-    return per_model[key]
+        def run(labels, zero, token):
+            return plan.run(labels, batch_size, emit_for(token), zero)
+
+        self._fn = tf.function(run, autograph=False)
+
+    def code(self, coder: _PixelCoder, labels) -> np.ndarray:
+        """Runs the program with ``coder`` choosing every pixel; int32 [B, H, W, C]."""
+        token = next(self._tokens)
+        self._coders[token] = coder
+        try:
+            return self._fn(labels, tf.constant(0.0), tf.constant(token, tf.int64)).numpy()
+        finally:
+            del self._coders[token]
 
 
 def _code_batches(model, values, labels, batch_size, coders):
     """Runs the program over the batches of ``values`` with one coder per batch."""
-    fn, slot = _program(model, batch_size)
+    program = model.programs.get(("codec", batch_size), lambda: _CodingProgram(model, batch_size))
     n = len(values)
     for b, coder in enumerate(coders):
         start = b * batch_size
@@ -182,16 +205,26 @@ def _code_batches(model, values, labels, batch_size, coders):
             y = np.zeros(batch_size, np.int32)
             y[:count] = labels[start : start + count]
             y = tf.constant(y)
-        slot["coder"] = _PixelCoder(model, batch, count, coder)
         try:
-            out = fn(y, tf.constant(0.0)).numpy()
+            out = program.code(_PixelCoder(model, batch, count, coder), y)
         except tf.errors.OpError as e:  # raised by the coder inside the program
             raise CodecError(f"batch {b} cannot be coded: {e.message.strip()[:300]}") from e
-        finally:
-            slot.pop("coder")
         values[start : start + count] = batch[:count]
         if not np.array_equal(out[:count], batch[:count]):
             raise CodecError("the generation program did not reproduce the coded values")
+
+
+def report(nbytes: int, model, images, labels, seconds: float) -> str:
+    """One line: images, bytes, coded and model bits/dim, images/s."""
+    from pixelcnn import scoring
+
+    scores = scoring.score(model, scoring.array_batches(images, labels))
+    model_bpd = scores.summary()["bits_per_dim"]
+    return (
+        f"{len(images)} images, {nbytes} bytes: {8 * nbytes / images.size:.4f} bits/dim "
+        f"coded, {model_bpd:.4f} bits/dim the model's likelihood, "
+        f"{len(images) / seconds:.1f} images/s"
+    )
 
 
 # ----------------------------------------------------------------------------- format
@@ -271,10 +304,10 @@ def encode(
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be int [N, H, W, C] with N >= 1, got shape {images.shape}")
-    contract.check_integer_images(images, model.image_shape, model.num_bits, "images")
-    batch_size = sampling.check_batch_size(batch_size)
+    checks.check_integer_images(images, model.image_shape, model.num_bits, "images")
+    batch_size = checks.check_positive_int(batch_size, "batch_size")
     n = len(images)
-    labels = contract.model_labels(model.num_classes, labels, n)
+    labels = checks.model_labels(model.num_classes, labels, n)
     import constriction
 
     coders = [constriction.stream.queue.RangeEncoder() for _ in range(-(-n // batch_size))]
@@ -374,7 +407,7 @@ def decode(model, data: bytes):
     import constriction
 
     try:
-        labels = contract.model_labels(model.num_classes, header.get("labels"), header["count"])
+        labels = checks.model_labels(model.num_classes, header.get("labels"), header["count"])
     except ValueError as e:
         raise CodecError(f"the file's labels do not fit this model: {e}") from e
     at = header["_words_at"]

@@ -23,12 +23,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import contract
+from pixelcnn import checks, files
 
 logger = logging.getLogger(__name__)
 
 Datasets = tuple[tf.data.Dataset, tf.data.Dataset]  # (train, test)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 # --------------------------------------------------------------------- helpers
@@ -85,15 +84,7 @@ def _as_labels(labels, n: int, what: str) -> np.ndarray:
     """Labels [N] or [N, 1] (any integer type) -> int32 [N]; None -> zeros."""
     if labels is None:
         return np.zeros([n], np.int32)
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.ndim != 1 or labels.shape[0] != n or labels.dtype.kind not in "ui":
-        raise ValueError(
-            f"{what}: labels must be integers [N] (or [N, 1]) for N = {n} images, got "
-            f"dtype {labels.dtype} shape {labels.shape}"
-        )
-    return labels.astype(np.int32)
+    return checks.check_labels(labels, n, None, what)
 
 
 def pad_images(images: np.ndarray, pad_to: int | None) -> np.ndarray:
@@ -121,7 +112,7 @@ def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
     Returns:
       (train, test) datasets of (images [B, H, W, C], labels int32 [B]).
     """
-    batch_size = contract.check_positive_int(batch_size, "batch_size")
+    batch_size = checks.check_positive_int(batch_size, "batch_size")
 
     def pipeline(images, labels, shuffle):
         ds = tf.data.Dataset.from_tensor_slices((images, np.asarray(labels, np.int32)))
@@ -134,6 +125,31 @@ def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
 
 
 # --------------------------------------------------------------------- built-in datasets
+def mutate(dataset: tf.data.Dataset, rate: float, num_bits: int, seed, epoch) -> tf.data.Dataset:
+    """Each sub-pixel of {"images": float [B, H, W, C] in [-1, 1], ...} batches replaced,
+    with probability ``rate``, by a uniform random level: the perturbation that trains
+    a likelihood ratio's background model (Ren et al. 2019, arXiv 1906.02845).
+
+    The draws of batch i of ``epoch`` are a function of (seed, epoch, i): another draw
+    every epoch, and a run resumed mid-epoch (``dataset.skip`` after this) draws what the
+    uninterrupted run drew.
+    """
+    levels = 2**num_bits
+
+    def perturb(index, batch):
+        key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+        key = tf.random.experimental.stateless_fold_in(key, index)
+        where_key, value_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        images = batch["images"]
+        shape = tf.shape(images)
+        replaced = tf.random.stateless_uniform(shape, where_key) < rate
+        noise = tf.random.stateless_uniform(shape, value_key, 0, levels, dtype=tf.int32)
+        noise = tf.cast(noise, images.dtype) * (2.0 / (levels - 1)) - 1.0
+        return batch | {"images": tf.where(replaced, noise, images)}
+
+    return dataset.enumerate().map(perturb, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def load_embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The packaged MNIST subset: (images uint8 [5000, 28, 28, 1], labels uint8 [5000]),
     500 per digit, stored sorted by label."""
@@ -318,43 +334,6 @@ def cifar10(batch_size: int, path: str | None = None, seed: int = 0) -> Datasets
     )
 
 
-def _decode_image(file: str) -> np.ndarray:
-    """PNG/JPEG -> integer [H, W, C], channel count kept (L 1, LA 2, RGB 3, RGBA 4)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(file) as im:
-            im.load()
-            mode = im.mode
-            if mode == "1":
-                im = im.convert("L")
-            elif mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-            elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                im = im.convert("RGB")
-            elif mode.startswith("I;16"):
-                im = im.convert("I;16")  # 16-bit grayscale keeps its levels
-            elif mode not in ("L", "LA", "RGB", "RGBA"):
-                raise ValueError(f"image_folder: unsupported image mode {mode} in {file}")
-            arr = np.asarray(im)
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"image_folder: cannot decode {file}: {err}") from err
-    if arr.dtype.kind not in "ui":
-        raise ValueError(f"image_folder: {file} decodes to dtype {arr.dtype}, not integers")
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def _center_crop(arr: np.ndarray, height: int, width: int, file: str) -> np.ndarray:
-    h, w = arr.shape[:2]
-    if h < height or w < width:
-        raise ValueError(
-            f"image_folder: {file} is {h}x{w}, smaller than image_shape {height}x{width}; "
-            "images are only center-cropped, never resized"
-        )
-    top, left = (h - height) // 2, (w - width) // 2
-    return arr[top : top + height, left : left + width]
-
-
 @gin.configurable
 def image_folder(
     batch_size: int, path: str, image_shape=None, test_fraction: float = 0.1, seed: int = 0
@@ -378,7 +357,7 @@ def image_folder(
       (train, test) datasets of (images uint8 [B, H, W, C] (uint16 for 16-bit PNGs),
       labels int32 [B]).
     """
-    images, labels = load_image_folder(path, image_shape)
+    images, labels = files.load_image_folder(path, image_shape)
     train_idx, test_idx = split_indices(
         labels, _test_size(len(images), test_fraction, "image_folder"), seed
     )
@@ -388,71 +367,6 @@ def image_folder(
         batch_size,
         seed,
     )
-
-
-def load_image_folder(path: str, image_shape=None) -> tuple[np.ndarray, np.ndarray]:
-    """``image_folder``'s images and labels as arrays, in sorted path order (subfolders
-    first by name, then files by name): (images [N, H, W, C], labels int32 [N])."""
-    root = os.path.expanduser(str(path))
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"image_folder: {root} is not a folder (image_folder.path)")
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        files += [
-            os.path.join(dirpath, n)
-            for n in sorted(filenames)
-            if n.lower().endswith(IMAGE_SUFFIXES)
-        ]
-    if not files:
-        raise ValueError(f"image_folder: no {'/'.join(IMAGE_SUFFIXES)} files found under {root}")
-    relative = [os.path.relpath(f, root).split(os.sep) for f in files]
-    if all(len(parts) > 1 for parts in relative):
-        classes = sorted({parts[0] for parts in relative})
-        labels = np.array([classes.index(parts[0]) for parts in relative], np.int32)
-    else:
-        classes = []
-        labels = np.zeros(len(files), np.int32)
-
-    crop = None
-    if image_shape is not None:
-        image_shape = tuple(int(d) for d in image_shape)
-        if len(image_shape) not in (2, 3):
-            raise ValueError(
-                f"image_folder: image_shape must be (H, W) or (H, W, C), got {image_shape}"
-            )
-        crop = image_shape[:2]
-    images = []
-    for file in files:
-        arr = _decode_image(file)
-        images.append(arr if crop is None else _center_crop(arr, *crop, file))
-    shapes: dict[tuple, int] = {}
-    for arr in images:
-        shapes[arr.shape] = shapes.get(arr.shape, 0) + 1
-    if len(shapes) > 1:
-        found = ", ".join(
-            f"{h}x{w}x{c}: {n}" for (h, w, c), n in sorted(shapes.items(), key=lambda s: -s[1])
-        )
-        if len({s[2] for s in shapes}) > 1:
-            fix = "convert them to one channel count (all grayscale or all RGB)"
-        else:
-            fix = "bind image_folder.image_shape = (H, W) to center-crop them to one size"
-        raise ValueError(
-            f"image_folder: the images under {root} differ in shape (H x W x C: count): "
-            f"{found}; {fix}"
-        )
-    if len({arr.dtype for arr in images}) > 1:
-        raise ValueError(f"image_folder: the images under {root} mix 8-bit and 16-bit files")
-    images = np.stack(images)
-    if image_shape is not None and len(image_shape) == 3 and images.shape[-1] != image_shape[2]:
-        raise ValueError(
-            f"image_folder: the images have {images.shape[-1]} channels, image_shape asks "
-            f"for {image_shape[2]}; channels are never converted"
-        )
-    logger.info(
-        "image_folder: %d images %s, classes %s", len(images), images.shape[1:], classes or "none"
-    )
-    return images, labels
 
 
 def npz_has_labels(path: str, labels_key: str = "labels") -> bool:

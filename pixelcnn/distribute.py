@@ -55,6 +55,70 @@ def make_strategy(kind: str, device: str | None = None) -> tf.distribute.Strateg
     raise ValueError(f"unknown strategy {kind!r}: use single, multigpu or multiworker")
 
 
+def inference_strategy(devices: str = "auto") -> tf.distribute.Strategy:
+    """For sampling and scoring: "single" (one device), "all" (MirroredStrategy over
+    every local GPU or logical CPU device) or "auto" (all when there are several)."""
+    several = len(local_devices()) > 1
+    if devices == "all" or (devices == "auto" and several):
+        return make_strategy("multigpu")
+    return make_strategy("single")
+
+
+# CPU flags of native bfloat16 arithmetic (Intel AMX, AVX-512 BF16); without them
+# TensorFlow emulates bfloat16 and the mixed step runs slower than float32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo; None where they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def gpu_capabilities() -> list[tuple[int, int]]:
+    """The compute capability (major, minor) of each GPU TensorFlow sees."""
+    details = [
+        tf.config.experimental.get_device_details(g) for g in tf.config.list_physical_devices("GPU")
+    ]
+    return [tuple(d.get("compute_capability", (0, 0))) for d in details]
+
+
+def choose_precision(
+    flags: set[str] | None, capabilities: list[tuple[int, int]]
+) -> tuple[str, str]:
+    """train.precision = "auto": (precision, why) for this hardware. bfloat16 where it is
+    computed natively (GPUs of compute capability 8.0 or more, CPUs with AMX or
+    AVX512-BF16), float32 elsewhere and where the CPU's flags cannot be read."""
+    if capabilities:
+        if min(capabilities) >= (8, 0):
+            return "bfloat16", f"GPUs of compute capability {min(capabilities)} compute bfloat16"
+        return (
+            "float32",
+            f"a GPU of compute capability {min(capabilities)} (< 8.0) lacks fast bfloat16",
+        )
+    if flags is None:
+        return "float32", "the CPU's flags cannot be read"
+    native = sorted(set(BF16_CPU_FLAGS) & flags)
+    if native:
+        return "bfloat16", f"the CPU computes bfloat16 natively ({', '.join(native)})"
+    return "float32", f"the CPU lacks native bfloat16 ({' and '.join(BF16_CPU_FLAGS)} absent)"
+
+
+def resolve_precision(precision: str) -> str:
+    """A precision, "auto" resolved for this hardware (printed with the reason)."""
+    if precision != "auto":
+        return precision
+    chosen, why = choose_precision(cpu_flags(), gpu_capabilities())
+    print(f"precision auto: {chosen}, as {why}")
+    return chosen
+
+
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     """Whether the strategy spans a cluster of workers (TF_CONFIG)."""
     resolver = getattr(strategy, "cluster_resolver", None)
@@ -89,6 +153,11 @@ def broadcast_from_first_replica(strategy: tf.distribute.Strategy, variables) ->
     values = strategy.run(tf.function(fn, autograph=False))
     for v, value in zip(variables, values, strict=True):
         v.assign(strategy.experimental_local_results(value)[0])
+
+
+def value(variable) -> int:
+    """An integer variable's value, also for mirrored variables (cross-replica read)."""
+    return int(tf.convert_to_tensor(variable).numpy())
 
 
 def compile_fn(fn, spec=None):

@@ -23,12 +23,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-SHIFTS = ("down", "down_right", None)
-
 
 # Crops use tf.slice rather than Python slicing (StridedSlice): the gradient of Slice
-# is a Pad, while StridedSliceGrad is a slow generic copy (about 5% of a float32
-# training step; benchmarks/README.md).
+# is a Pad rather than a generic strided copy (benchmarks/speed_ab.py times it).
 def crop(x: tf.Tensor, begin, size) -> tf.Tensor:
     """``x[:, r0 : r0 + rows, c0 : c0 + cols]`` for begin = (r0, c0), size = (rows, cols)."""
     return tf.slice(x, [0, begin[0], begin[1], 0], [-1, size[0], size[1], -1])
@@ -57,9 +54,8 @@ def concat_elu(x: tf.Tensor) -> tf.Tensor:
     y = tf.concat([x, -x], axis=-1)
     if x.dtype == tf.bfloat16:
         # TensorFlow's bfloat16 Elu rounds exp(z) to bfloat16 before subtracting 1, so
-        # small negative z lose most of their digits. In float32, rounded once at the
-        # end, the error is one bfloat16 rounding (tested), and on CPU it is also faster
-        # (benchmarks/README.md).
+        # small negative z lose most of their digits; in float32, rounded once at the
+        # end, the error is one bfloat16 rounding (tested).
         return tf.cast(tf.nn.elu(tf.cast(y, tf.float32)), x.dtype)
     return tf.nn.elu(y)
 
@@ -177,7 +173,7 @@ def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[
         if (kh, kw) != (1, 1):
             raise ValueError(f"an unshifted conv must be 1x1, got {kernel_size}")
         return [[0, 0], [0, 0], [0, 0], [0, 0]]
-    raise ValueError(f"shift must be one of {SHIFTS}, got {shift!r}")
+    raise ValueError(f"shift must be 'down', 'down_right' or None, got {shift!r}")
 
 
 class _WeightNorm(keras.layers.Layer):
@@ -294,14 +290,12 @@ class WeightNormConv2D(_WeightNorm):
           x: its input.
           init: data-dependent initialisation (see ``_WeightNorm._initialise``).
           scale: multiplies the kernel, far smaller than ``f(x)``, instead of ``f(x)``
-            (the dropout's 1 / P(keep): a pass over the tensor less each way, about 5%
-            of a training step with the masks of ``concat_elu_dropout``;
-            benchmarks/README.md).
+            (the dropout's 1 / P(keep): a pass over the tensor less each way).
           recompute: do not keep ``f(x)`` for backprop. The convolution's backward
             pass needs its input, and when that input is ``concat_elu(x)`` it is twice
             the size of ``x``. Only ``x`` is kept and ``f(x)`` is recomputed in the
-            backward pass, which lowers the training step's peak memory (the paper's
-            CIFAR model at batch 8: 4.3 instead of 5.1 GB) for 2-5% more time.
+            backward pass: a lower peak memory for a little more time
+            (benchmarks/README.md has both).
         """
         if init or not self.built:
             y = f(x)

@@ -28,13 +28,47 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from pixelcnn import checks
+
 MIN_LOG_SCALE = -7.0  # the authors clamp log scales below at -7
+
+
+def params_per_component(num_channels: int) -> int:
+    """Network outputs per mixture component for C channels: its logit, C means, C log
+    scales and C (C - 1) / 2 coupling coefficients."""
+    c = num_channels
+    return 1 + 2 * c + c * (c - 1) // 2
 
 
 def num_params(num_channels: int, num_mixtures: int) -> int:
     """Network outputs per pixel for C channels and K mixture components."""
-    c = num_channels
-    return num_mixtures * (1 + 2 * c + c * (c - 1) // 2)
+    return num_mixtures * params_per_component(num_channels)
+
+
+def mixtures_in(num_outputs: int, num_channels: int) -> int:
+    """K from the outputs per pixel P and C; ValueError unless P fits C channels."""
+    per = params_per_component(num_channels)
+    if num_outputs % per:
+        raise ValueError(
+            f"params have {num_outputs} values per pixel, not a multiple of {per} "
+            f"(what {num_channels} channels need per mixture component)"
+        )
+    return num_outputs // per
+
+
+def param_layout(num_channels: int, num_mixtures: int) -> list[tuple[str, int, int, tuple]]:
+    """Where each kind of parameter lies in the P outputs of a pixel, as (name, start,
+    stop, shape): [logits (K) | means (C K) | log_scales (C K) | coeffs (C (C - 1) / 2 K)],
+    each reshaped to ``shape`` (channels before components)."""
+    c, k = num_channels, num_mixtures
+    n_coeffs = c * (c - 1) // 2
+    sizes = [("logits", (k,)), ("means", (c, k)), ("log_scales", (c, k)), ("coeffs", (n_coeffs, k))]
+    layout, start = [], 0
+    for name, shape in sizes:
+        stop = start + math.prod(shape)
+        layout.append((name, start, stop, shape))
+        start = stop
+    return layout
 
 
 def coeff_index(c: int, j: int) -> int:
@@ -45,7 +79,7 @@ def coeff_index(c: int, j: int) -> int:
 
 
 def unpack_params(params: tf.Tensor, num_channels: int, num_mixtures: int):
-    """Splits raw network outputs [..., P] into mixture parameters.
+    """Splits raw network outputs [..., P] into mixture parameters (``param_layout``).
 
     Returns:
       logits: [..., K] unnormalised mixture log-weights.
@@ -61,16 +95,11 @@ def unpack_params(params: tf.Tensor, num_channels: int, num_mixtures: int):
             f"mixtures need {expected}"
         )
     batch_shape = tf.shape(params)[:-1]
-    logits = params[..., :k]
-    means = tf.reshape(params[..., k : k + c * k], tf.concat([batch_shape, [c, k]], 0))
-    log_scales = tf.reshape(
-        params[..., k + c * k : k + 2 * c * k], tf.concat([batch_shape, [c, k]], 0)
-    )
-    n_coeffs = c * (c - 1) // 2
-    coeffs = tf.tanh(
-        tf.reshape(params[..., k + 2 * c * k :], tf.concat([batch_shape, [n_coeffs, k]], 0))
-    )
-    return logits, means, log_scales, coeffs
+    parts = {
+        name: tf.reshape(params[..., start:stop], tf.concat([batch_shape, shape], 0))
+        for name, start, stop, shape in param_layout(c, k)
+    }
+    return parts["logits"], parts["means"], parts["log_scales"], tf.tanh(parts["coeffs"])
 
 
 def coupled_means(means: tf.Tensor, coeffs: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
@@ -116,46 +145,24 @@ def to_integers(x: tf.Tensor, num_bits: int) -> tf.Tensor:
     return tf.cast(tf.clip_by_value(v, 0.0, top), tf.int32)
 
 
-def grid_tolerance(num_bits: int) -> float:
-    """Largest distance from the grid accepted for float inputs (float32 rounding)."""
-    return 1e-3 / float(2**num_bits - 1)
-
-
 def check_unit_grid(x, num_bits: int, what: str = "x"):
     """Raises ValueError unless x lies in [-1, 1] on the b-bit grid.
 
-    Eager tensors and arrays are checked in Python; inside tf.function an assertion op
-    is returned (it raises InvalidArgumentError when run).
+    Eager tensors and arrays are checked in Python (``checks.check_float_grid``);
+    inside tf.function an assertion op is returned (InvalidArgumentError when run).
     """
-    top = float(2**num_bits - 1)
     if tf.executing_eagerly() or isinstance(x, np.ndarray):
-        arr = np.asarray(x, dtype=np.float64)
-        if arr.size == 0:
-            return None
-        lo, hi = float(arr.min()), float(arr.max())
-        if lo < -1.0 - 1e-6 or hi > 1.0 + 1e-6:
-            raise ValueError(
-                f"{what} must lie in [-1, 1] (images v in [0, {int(top)}] map to "
-                f"2 v / {int(top)} - 1); got values in [{lo:.4g}, {hi:.4g}]"
-            )
-        scaled = (arr + 1.0) * (top / 2.0)
-        off = np.abs(scaled - np.round(scaled))
-        worst = float(off.max())
-        if worst > grid_tolerance(num_bits) * top:
-            raise ValueError(
-                f"{what} is not on the {num_bits}-bit grid: the likelihood of a discretised "
-                f"model is only defined at x = 2 v / {int(top)} - 1 for integer v. "
-                f"{int((off > grid_tolerance(num_bits) * top).sum())} values are off the "
-                "grid (was the data resized with interpolation, or scaled with another "
-                "bit depth?)"
-            )
+        checks.check_float_grid(np.asarray(x, dtype=np.float64), num_bits, what)
         return None
+    top = float(2**num_bits - 1)
     x = tf.cast(x, tf.float32)
     scaled = (x + 1.0) * (top / 2.0)
     return tf.debugging.Assert(
         tf.logical_and(
             tf.reduce_all(tf.abs(x) <= 1.0 + 1e-6),
-            tf.reduce_all(tf.abs(scaled - tf.round(scaled)) <= grid_tolerance(num_bits) * top),
+            tf.reduce_all(
+                tf.abs(scaled - tf.round(scaled)) <= checks.grid_tolerance(num_bits) * top
+            ),
         ),
         [f"{what} must lie in [-1, 1] on the {num_bits}-bit grid"],
     )
@@ -170,7 +177,7 @@ def subpixel_log_prob(x: tf.Tensor, params: tf.Tensor, num_bits: int = 8) -> tf.
     params = tf.convert_to_tensor(params)
     x = tf.cast(x, params.dtype)
     c = x.shape[-1]
-    k = params.shape[-1] // (1 + 2 * c + c * (c - 1) // 2)
+    k = mixtures_in(params.shape[-1], c)
     logits, means, log_scales, coeffs = unpack_params(params, c, k)
     mu = coupled_means(means, coeffs, x)  # [B, H, W, C, K]
     log_scales = tf.maximum(log_scales, MIN_LOG_SCALE)
@@ -211,21 +218,19 @@ def mixture_log_prob(
         raise ValueError(
             f"x and params must be [B, H, W, C] and [B, H, W, P], got {x.shape} and {params.shape}"
         )
-    c = x.shape[-1]
-    per_pixel = 1 + 2 * c + c * (c - 1) // 2
-    if params.shape[-1] % per_pixel:
-        raise ValueError(
-            f"params have {params.shape[-1]} values per pixel, not a multiple of {per_pixel} "
-            f"(what {c} channels need per mixture component)"
-        )
+    mixtures_in(params.shape[-1], x.shape[-1])  # ValueError unless P fits C
     assertion = check_unit_grid(x, num_bits) if validate else None
     deps = [assertion] if assertion is not None else []
     with tf.control_dependencies(deps):
-        log_weights, log_probs = subpixel_log_prob(x, params, num_bits)
-        per_pixel_lp = tf.reduce_logsumexp(
-            log_weights + tf.reduce_sum(log_probs, axis=-2), axis=-1
-        )  # [B, H, W]
-        return tf.reduce_sum(per_pixel_lp, axis=[1, 2])
+        return tf.reduce_sum(pixel_log_prob(x, params, num_bits), axis=[1, 2])
+
+
+def pixel_log_prob(x: tf.Tensor, params: tf.Tensor, num_bits: int = 8) -> tf.Tensor:
+    """log p of each pixel (all its channels) given the pixels before it, in nats:
+    float [B, H, W], summing to ``mixture_log_prob`` over H and W. x: float [B, H, W, C]
+    on the grid (not validated here); params: [B, H, W, P]."""
+    log_weights, log_probs = subpixel_log_prob(x, params, num_bits)
+    return tf.reduce_logsumexp(log_weights + tf.reduce_sum(log_probs, axis=-2), axis=-1)
 
 
 def bits_per_dim(log_prob, image_shape):
@@ -253,7 +258,7 @@ def sample_with_noise(
     Returns float [..., C] in [-1, 1] on the grid.
     """
     c = num_channels
-    k = params.shape[-1] // (1 + 2 * c + c * (c - 1) // 2)
+    k = mixtures_in(params.shape[-1], c)
     logits, means, log_scales, coeffs = unpack_params(params, c, k)
     gumbel = -tf.math.log(-tf.math.log(tf.cast(mix_u, logits.dtype)))
     choice = tf.one_hot(tf.argmax(logits + gumbel, axis=-1), k, dtype=params.dtype)  # [..., K]
@@ -306,16 +311,14 @@ def mixture_sample(params: tf.Tensor, num_bits: int = 8, seed=None, num_channels
     params = tf.convert_to_tensor(params)
     p = params.shape[-1]
     if num_channels is None:
-        fits = [c for c in range(1, 17) if p % (1 + 2 * c + c * (c - 1) // 2) == 0]
+        fits = [c for c in range(1, 17) if p % params_per_component(c) == 0]
         if len(fits) != 1:
             raise ValueError(
                 f"cannot tell the channel count from {p} parameters per pixel "
                 f"(candidates {fits}); pass num_channels"
             )
         num_channels = fits[0]
-    per = 1 + 2 * num_channels + num_channels * (num_channels - 1) // 2
-    if p % per:
-        raise ValueError(f"{p} parameters per pixel do not fit {num_channels} channels")
+    k = mixtures_in(p, num_channels)
     if seed is None:
         seed = tf.random.uniform([2], 0, 2**31 - 1, dtype=tf.int64)
     elif isinstance(seed, int):
@@ -323,7 +326,7 @@ def mixture_sample(params: tf.Tensor, num_bits: int = 8, seed=None, num_channels
     mix_u, logistic_u = sampling_noise(
         tf.shape(params)[:-1],
         num_channels,
-        p // per,
+        k,
         seed,
         params.dtype,
     )

@@ -8,7 +8,7 @@ import gin
 import keras
 import tensorflow as tf
 
-from pixelcnn import contract, internals, likelihood
+from pixelcnn import checks, internals, likelihood
 from pixelcnn.layers import (
     GatedResnet,
     WeightNormConv2D,
@@ -16,6 +16,7 @@ from pixelcnn.layers import (
     down_shift,
     right_shift,
 )
+from pixelcnn.sampling import Programs
 
 
 def downsampled_sizes(height: int, width: int, resolutions: int) -> list[tuple[int, int]]:
@@ -25,12 +26,6 @@ def downsampled_sizes(height: int, width: int, resolutions: int) -> list[tuple[i
         h, w = sizes[-1]
         sizes.append(((h + 1) // 2, (w + 1) // 2))
     return sizes
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"PixelCNNPP: {name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,34 +47,9 @@ class ModelConfig:
     num_bits: int = 8
 
     def __post_init__(self):
-        if self.image_shape is None:
-            raise ValueError(
-                "PixelCNNPP: image_shape is required, e.g. PixelCNNPP((28, 28, 1)); training "
-                "takes it from the dataset unless PixelCNNPP.image_shape is bound in gin"
-            )
-        image_shape = tuple(self.image_shape)
-        if len(image_shape) != 3:
-            raise ValueError(
-                f"PixelCNNPP: image_shape must be (height, width, channels), got {image_shape!r}; "
-                "use (H, W, 1) for grayscale"
-            )
-        for axis, size in zip(("height", "width", "channels"), image_shape, strict=True):
-            _check_positive_int(f"image_shape {axis}", size)
-        _check_positive_int("residual_blocks", self.residual_blocks)
-        _check_positive_int("residual_layers_per_block", self.residual_layers_per_block, 0)
-        _check_positive_int("filters", self.filters)
-        _check_positive_int("num_mixtures", self.num_mixtures)
-        _check_positive_int("num_bits", self.num_bits)
-        if self.num_bits > 16:
-            raise ValueError(f"PixelCNNPP: num_bits must be <= 16, got {self.num_bits}")
-        if self.num_classes is not None:
-            _check_positive_int("num_classes", self.num_classes)
-        if not 0.0 <= float(self.dropout_rate) < 1.0:
-            raise ValueError(
-                f"PixelCNNPP: dropout_rate must be in [0, 1), got {self.dropout_rate!r}"
-            )
+        image_shape, dropout_rate = checks.check_architecture(self)
         object.__setattr__(self, "image_shape", image_shape)
-        object.__setattr__(self, "dropout_rate", float(self.dropout_rate))
+        object.__setattr__(self, "dropout_rate", dropout_rate)
 
     def to_json(self) -> dict:
         """The fields as JSON values (image_shape a list)."""
@@ -87,8 +57,7 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, fields: dict) -> ModelConfig:
-        """From ``to_json``'s dict; other keys (e.g. model.json's "precision") are
-        ignored, missing ones take the defaults."""
+        """From ``to_json``'s dict (model.json's other keys ignored, missing ones default)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in names})
 
@@ -112,6 +81,23 @@ def _resnets(stream, half, r, count, has_aux, first_index, args):
         )
         for i in range(count)
     ]
+
+
+def _levels(levels: int, nr: int, sizes, resnet_args) -> tuple[list, list]:
+    """The first half ("up pass" in the authors' code), full resolution first; then the
+    second half ("down pass") from the lowest resolution back up, with nr resnets at
+    the lowest resolution and nr + 1 at the others, so every pushed tensor is consumed.
+    Each level's dropout masks are numbered after the previous level's."""
+    up, down, index = [], [], 0
+    for r in range(levels):
+        up.append(UpLevel(r, nr, r + 1 < levels, index, resnet_args))
+        index += 2 * nr
+    for r in reversed(range(levels)):
+        n = nr if r == levels - 1 else nr + 1
+        target = sizes[r - 1] if r > 0 else None
+        down.append(DownLevel(r, n, target, index, resnet_args))
+        index += 2 * n
+    return up, down
 
 
 class _Level(keras.layers.Layer):
@@ -290,24 +276,14 @@ class PixelCNNPP(keras.Model):
         self.first_ul_left = WeightNormConv2D(
             filters, (2, 1), "down_right", dtype=policy, name="first_ul_left"
         )
-        # First half ("up pass" in the authors' code), full resolution first; then the
-        # second half ("down pass") from the lowest resolution back up, with nr resnets at
-        # the lowest resolution and nr + 1 at the others, so every pushed tensor is
-        # consumed. Each level's dropout masks are numbered after the previous level's.
-        nr, levels = residual_layers_per_block, residual_blocks
-        self.up, self.down, index = [], [], 0
-        for r in range(levels):
-            self.up.append(UpLevel(r, nr, r + 1 < levels, index, resnet_args))
-            index += 2 * nr
-        for r in reversed(range(levels)):
-            n = nr if r == levels - 1 else nr + 1
-            target = self.sizes[r - 1] if r > 0 else None
-            self.down.append(DownLevel(r, n, target, index, resnet_args))
-            index += 2 * n
+        self.up, self.down = _levels(
+            residual_blocks, residual_layers_per_block, self.sizes, resnet_args
+        )
 
         # The output layer always computes in float32: bfloat16 keeps 8 significant bits,
         # so means near 1 would be quantised to half a bin of the 8-bit grid.
         self.out_nin = WeightNormConv2D(self.num_params, dtype="float32", name="out_nin")
+        self.programs = Programs()  # compiled samplers and coders, built on first use
 
     def level(self, half: str, resolution: int) -> UpLevel | DownLevel:
         """The level of the first ("up") or second ("down") half at a resolution (0: full)."""
@@ -399,8 +375,11 @@ class PixelCNNPP(keras.Model):
     def log_prob(self, images, labels=None, training: bool = False):
         """Log-likelihood in nats [B] of integer images [B, H, W, C] in [0, 2**num_bits)."""
         images = tf.convert_to_tensor(images)
-        contract.check_integer_images(images, self.image_shape, self.num_bits)
-        x = likelihood.to_unit_range(images, self.num_bits)
+        checks.check_integer_images(images, self.image_shape, self.num_bits)
+        return self.unit_log_prob(likelihood.to_unit_range(images, self.num_bits), labels, training)
+
+    def unit_log_prob(self, x, labels=None, training: bool = False):
+        """Log-likelihood in nats [B] of float [B, H, W, C] on the grid (not checked)."""
         params = self(x, labels, training=training)
         return likelihood.mixture_log_prob(x, params, self.num_bits, validate=False)
 

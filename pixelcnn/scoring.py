@@ -36,6 +36,38 @@ def integer_batches(
         yield levels.numpy(), labels
 
 
+def source_batches(
+    model, batch_size: int, split: str, npz=None, folder=None, run_dir=None, configs=(), bindings=()
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """``integer_batches`` of a .npz, a folder of images (in the file's or sorted path
+    order, as results list them), or else the run's own ``split``, rebuilt from its
+    config. ValueError (or OSError) naming the source when it does not fit the model."""
+    from pixelcnn import config, data, files
+
+    source = f"--npz {npz}" if npz else f"--folder {folder}" if folder else None
+    try:
+        if npz or folder:
+            if npz:
+                arrays = data.load_npz(npz)
+            else:
+                arrays = files.load_image_folder(folder, model.image_shape)
+            if npz and model.num_classes and not data.npz_has_labels(npz):
+                raise ValueError(
+                    f"the model is class-conditional ({model.num_classes} classes) but the "
+                    "file has no 'labels': add one label per image"
+                )
+            ds = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+        else:
+            train, test = config.run_datasets(run_dir, batch_size, configs, bindings)
+            ds = train if split == "train" else test
+    except (ValueError, OSError) as e:  # the run's own config says what is wrong
+        prefix = f"{source or 'the run dataset'}: " if source or isinstance(e, OSError) else ""
+        raise ValueError(f"{prefix}{e}") from e
+    yield from integer_batches(
+        ds, model.image_shape, model.num_bits, model.num_classes, source or split
+    )
+
+
 def take(
     batches: Iterable[tuple[np.ndarray, np.ndarray | None]], n: int | None
 ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -72,6 +104,14 @@ class Scores:
     def bits_per_dim(self) -> np.ndarray:
         """float64 [N] bits per sub-pixel of each image."""
         return likelihood.bits_per_dim(self.log_prob, self.image_shape)
+
+    def csv(self) -> str:
+        """One row per image: index, label (-1 without labels), log p in nats, bits/dim."""
+        labels = self.labels if self.labels is not None else [-1] * len(self.log_prob)
+        rows = zip(self.log_prob, labels, self.bits_per_dim, strict=True)
+        lines = ["index,label,log_prob_nats,bits_per_dim"]
+        lines += [f"{i},{int(y)},{s:.6f},{b:.6f}" for i, (s, y, b) in enumerate(rows)]
+        return "\n".join(lines) + "\n"
 
     def summary(self) -> dict:
         """images, mean NLL per image (nats) and bits/dim of the whole set."""

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import tensorflow as tf
 
-from pixelcnn import likelihood, rundir, sampling
+from pixelcnn import checkpoints, checks, likelihood, sampling
 from pixelcnn.model import PixelCNNPP
 
 __all__ = ["export"]
@@ -80,23 +80,23 @@ class _Serving(tf.Module):
         k = self.model.num_classes
         if k is None:
             return None
-        checks = [
+        asserts = [
             tf.debugging.assert_equal(
                 tf.shape(labels)[0], n, message="labels must hold one label per image"
             ),
             tf.debugging.assert_greater_equal(labels, 0, message=f"labels must be in [0, {k})"),
             tf.debugging.assert_less(labels, k, message=f"labels must be in [0, {k})"),
         ]
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(asserts):
             return tf.identity(labels)
 
     def _checked_images(self, images):
         top = 2**self.model.num_bits
-        checks = [
+        asserts = [
             tf.debugging.assert_greater_equal(images, 0, message=f"images must be in [0, {top})"),
             tf.debugging.assert_less(images, top, message=f"images must be in [0, {top})"),
         ]
-        with tf.control_dependencies(checks):
+        with tf.control_dependencies(asserts):
             return tf.identity(images)
 
     # ------------------------------------------------------------------ signatures
@@ -115,30 +115,24 @@ class _Serving(tf.Module):
         return {"log_prob": lp, "bits_per_dim": likelihood.bits_per_dim(lp, self.model.image_shape)}
 
     def _sample(self, num_images, seed, labels):
-        """sample_fast's computation with a run-time N: the same noise, and the same
-        fixed batches as ``sampling.fixed_batches`` (the same fill values, ``FILL``),
-        written with graph ops because N is only known when the signature runs."""
+        """sample_fast's computation with a run-time N: the same noise and the same
+        batches (``sampling.batch_layout``), run one after the other by ``tf.map_fn``."""
         model, b = self.model, self.batch
         h, w, c = model.image_shape
-        checks = [tf.debugging.assert_positive(num_images, message="num_images must be >= 1")]
-        with tf.control_dependencies(checks):
+        asserts = [tf.debugging.assert_positive(num_images, message="num_images must be >= 1")]
+        with tf.control_dependencies(asserts):
             n = tf.identity(num_images)
         labels = self._checked_labels(labels, n)
         mix_u, logistic_u = likelihood.sampling_noise(
             tf.stack([n, h, w]), c, model.num_mixtures, tf.cast(seed, tf.int64)
         )
-        batches = (n + b - 1) // b
-        extra = batches * b - n
-
-        def batched(x, value):  # [n, ...] -> [batches, b, ...], filled as sampling does
-            pad = tf.concat([[[0, extra]], tf.zeros([x.shape.rank - 1, 2], tf.int32)], 0)
-            x = tf.pad(x, pad, constant_values=tf.cast(value, x.dtype))
-            return tf.reshape(x, tf.concat([[batches, b], tf.shape(x)[1:]], 0))
-
-        fill = dict(zip(("labels", "mix_u", "logistic_u", "known", "mask"), sampling.FILL))
-        elems = [batched(mix_u, fill["mix_u"]), batched(logistic_u, fill["logistic_u"])]
+        fill = sampling.FILL
+        elems = [
+            sampling.batch_layout(mix_u, b, fill.mix_u),
+            sampling.batch_layout(logistic_u, b, fill.logistic_u),
+        ]
         if labels is not None:
-            elems.append(batched(labels, fill["labels"]))
+            elems.append(sampling.batch_layout(labels, b, fill.labels))
         generate = sampling.compiled(model, "fast_xla")
         known = tf.zeros([b, h, w, c], tf.float32)
         mask = tf.zeros([b, h, w], tf.bool)
@@ -206,7 +200,7 @@ def export(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder: pick a new one")
-    batch = sampling.check_batch_size(sample_batch_size)
+    batch = checks.check_positive_int(sample_batch_size, "sample_batch_size")
     metrics = None
     if isinstance(source, PixelCNNPP):
         model, where, ckpt = source, "a PixelCNNPP in memory", "none (weights in memory)"
@@ -214,7 +208,7 @@ def export(
             raise ValueError("the model has no weights yet: train or load it first")
     else:
         run_dir = Path(source)
-        model, ckpt = rundir.load_for_inference(run_dir, checkpoint, use_ema)
+        model, ckpt = checkpoints.load_for_inference(run_dir, checkpoint, use_ema)
         where = f"{run_dir} ({'EMA' if use_ema else 'raw'} weights)"
         if (run_dir / "metrics.json").exists():
             metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -18,5 +18,15 @@ except RuntimeError:  # already initialised by an earlier import; keep what is t
 
 
 @pytest.fixture
+def clean_gin():
+    """No gin bindings before or after the test."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)

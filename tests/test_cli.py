@@ -247,7 +247,7 @@ def test_export_loads_without_pixelcnn_and_matches_the_package(run_dir, tmp_path
     import keras
     import tensorflow as tf
 
-    from pixelcnn import PixelCNNPP, export, rundir, sampling
+    from pixelcnn import PixelCNNPP, checkpoints, export, sampling
     from pixelcnn.likelihood import to_unit_range
 
     result = invoke("--log-dir", run_dir, "export", tmp_path / "exp", "--sample-batch-size", 2)
@@ -255,7 +255,7 @@ def test_export_loads_without_pixelcnn_and_matches_the_package(run_dir, tmp_path
     readme = (tmp_path / "exp" / "README.txt").read_text()
     assert "log_prob" in readme and "checkpoint:" in readme and "1/ is the SavedModel" in readme
     assert json.loads((tmp_path / "exp" / "model.json").read_text())["filters"] == 4
-    model, _ = rundir.load_for_inference(run_dir)
+    model, _ = checkpoints.load_for_inference(run_dir)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1))
     np.save(tmp_path / "mnist.npy", images)
 
@@ -354,3 +354,45 @@ def test_compress_decompress_round_trip_and_bad_files(run_dir, tmp_path):
     )
     assert result.exit_code == 1 and "damaged" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "d.npz").exists()
+
+
+def test_ood_writes_scores_metrics_and_roc_curves(run_dir, tmp_path):
+    """The run's test split against two OOD sets (a .npz, a folder), with the run as its
+    own background (the ratio is then 0 for every image)."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "noise.npz", images=rng.integers(0, 256, (6, 28, 28, 1), np.uint8))
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(tmp_path / "flat" / f"{i}.png")
+    out = tmp_path / "ood"
+    args = ["--ood", f"noise={tmp_path / 'noise.npz'}", "--ood", f"flat={tmp_path / 'flat'}"]
+    result = invoke(
+        "--log-dir", run_dir, "ood", *args, "--background", run_dir, "--num", 8, "-o", out
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "metrics.json").read_text())
+    assert {(r["ood_set"], r["score"]) for r in rows} == {
+        (s, k) for s in ("noise", "flat") for k in ("nll", "likelihood_ratio", "complexity")
+    }
+    ratio = next(r for r in rows if r["score"] == "likelihood_ratio")
+    assert ratio["auroc"] == 0.5  # every score 0: all tied
+    scores = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(scores) == 8 + 6 + 4 and float(scores[0]["likelihood_ratio"]) == 0.0
+    assert "| noise | nll |" in (out / "metrics.md").read_text()
+    roc = np.asarray(Image.open(out / "roc.png"))
+    assert roc.ndim == 3 and roc.shape[1] > 600  # two panels side by side
+
+    np.savez(tmp_path / "small.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
+    result = CliRunner().invoke(
+        cli.main,
+        [
+            "--log-dir",
+            str(run_dir),
+            "ood",
+            "--ood",
+            f"small={tmp_path / 'small.npz'}",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 1 and "small must have shape" in result.output

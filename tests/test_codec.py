@@ -163,3 +163,31 @@ def test_another_stack_is_warned_about_before_decoding(coded):
     with pytest.warns(UserWarning, match="tensorflow: 2.99.0 there"):
         out, _ = codec.decode(m, other)
     np.testing.assert_array_equal(out, images)
+
+
+def test_two_threads_code_with_one_model_at_once():
+    """Encoding is re-entrant: each call codes with its own coder through the model's
+    shared compiled program, so a service can compress two requests at once."""
+    import threading
+
+    m = model((6, 5, 1), 8)
+    inputs = [data(m, 5, seed=s)[0] for s in (3, 4)]
+    blobs, errors = [None, None], []
+    barrier = threading.Barrier(2)
+
+    def encode(k):
+        try:
+            barrier.wait()
+            blobs[k] = codec.encode(m, inputs[k], None, batch_size=BATCH)
+        except Exception as e:  # reported below, with the thread's error
+            errors.append(e)
+
+    threads = [threading.Thread(target=encode, args=(k,)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in (0, 1):
+        decoded, _ = codec.decode(m, blobs[k])
+        np.testing.assert_array_equal(decoded, inputs[k])

@@ -123,9 +123,9 @@ def test_dicts(levels, labels, keys):
 
 def test_as_model_input(levels, labels):
     ds = tf.data.Dataset.from_tensor_slices({"image": levels, "label": labels}).batch(2)
-    images, lab = next(iter(contract.as_model_input(ds, 8)))
-    np.testing.assert_allclose(images.numpy(), grid(levels[:2]), atol=1e-6)
-    np.testing.assert_array_equal(lab.numpy(), labels[:2])
+    batch = next(iter(contract.as_model_input(ds, 8, levels.shape[1:])))
+    np.testing.assert_allclose(batch["images"].numpy(), grid(levels[:2]), atol=1e-6)
+    np.testing.assert_array_equal(batch["labels"].numpy(), labels[:2])
 
 
 def test_to_model_input_rejects(levels):

@@ -9,9 +9,9 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_train import SHAPE, bind_tiny
+from helpers import ROOT, SHAPE, bind_tiny, free_ports, worker_env
 
-from pixelcnn import rundir
+from pixelcnn import checkpoints, faults, reporting
 from pixelcnn import train as training
 
 ONE = "/cpu:0"
@@ -67,7 +67,7 @@ def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gi
 
         return tf.data.Dataset.from_tensor_slices(images(24)).batch(batch_size), test.map(count)
 
-    with pytest.raises(training.TrainingInterrupted, match="resume"):
+    with pytest.raises(faults.TrainingInterrupted, match="resume"):
         train(tmp_path, fn, max_epoch=1)
     exited = time.monotonic()
     # prefetching reads a few batches ahead; far from the 400 a finished evaluation reads
@@ -95,43 +95,77 @@ def two_checkpoints(tmp_path_factory):
     return path
 
 
-def damaged_copy(run, tmp_path, damage):
-    """A copy of the run whose newest checkpoint is damaged as the disk can damage it."""
+def damaged_copy(run, tmp_path, damage, where=0.5):
+    """A copy of the run whose newest checkpoint is damaged as the disk can damage it
+    (a flipped byte at fraction ``where`` of the file)."""
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     newest = tf.train.latest_checkpoint(str(copy / "checkpoints"))
-    blob = open(data_file(newest), "rb").read()
-    if damage == "truncate":  # e.g. the disk filled during the save
-        open(data_file(newest), "wb").write(blob[: len(blob) // 2])
-    elif damage == "delete":
-        os.remove(data_file(newest))
-    else:  # one flipped byte in the middle of the weights
+    target = newest + ".index" if damage.endswith("index") else data_file(newest)
+    blob = open(target, "rb").read()
+    if damage.startswith("truncate"):  # e.g. the disk filled during the save
+        open(target, "wb").write(blob[: len(blob) // 2])
+    elif damage.startswith("delete"):
+        os.remove(target)
+    else:  # one flipped byte in the middle of the weights or of the index
         flipped = bytearray(blob)
-        flipped[len(blob) // 2] ^= 0xFF
-        open(data_file(newest), "wb").write(bytes(flipped))
+        flipped[int(len(blob) * where)] ^= 0xFF
+        open(target, "wb").write(bytes(flipped))
     return copy
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+# TensorFlow's reader reports each of these itself (a CRC32C per tensor and per index
+# block): no manifest of our own is needed.
+@pytest.mark.parametrize(
+    "damage", ["truncate", "delete", "flip_index", "delete_index", "truncate_index"]
+)
 def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_read(
     two_checkpoints, tmp_path, damage, capsys
 ):
     run = damaged_copy(two_checkpoints, tmp_path, damage)
-    model, path = rundir.load_for_inference(run)  # as sample, evaluate, complete read it
+    model, path = checkpoints.load_for_inference(run)  # as sample, evaluate, complete read it
     assert path.endswith("-2")
     err = capsys.readouterr().err
     assert "ckpt-4 cannot be read" in err and "fell back to" in err
 
 
-def test_resume_falls_back_past_a_truncated_newest_checkpoint(
-    two_checkpoints, tmp_path, tiny_gin, capsys
+@pytest.mark.parametrize("where", [0.0, 0.25, 0.5, 0.75, 0.999])
+def test_a_flipped_byte_of_the_weights_is_reported_or_not_read(
+    two_checkpoints, tmp_path, where, capsys
 ):
-    run = damaged_copy(two_checkpoints, tmp_path, "truncate")
+    """An inference load reads the EMA weights only, and TensorFlow checks the CRC32C of
+    each tensor it reads: a flipped byte elsewhere (the raw weights, Adam's slots) leaves
+    the EMA weights as they were saved, one inside them is reported."""
+    intact, _ = checkpoints.load_for_inference(two_checkpoints)
+    run = damaged_copy(two_checkpoints, tmp_path, "flip", where)
+    model, path = checkpoints.load_for_inference(run)
+    if path.endswith("-2"):
+        assert "ckpt-4 cannot be read" in capsys.readouterr().err
+    else:
+        for a, b in zip(intact.weights, model.weights, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_checkpoints_are_found_without_the_state_file(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    os.remove(run / "checkpoints" / "checkpoint")
+    assert checkpoints.load_for_inference(run)[1].endswith("-4")
+    (run / "checkpoints" / "checkpoint").write_text("garbage\n")
+    assert [p[-6:] for p in checkpoints.checkpoint_candidates(run)] == ["ckpt-4", "ckpt-2"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_resume_falls_back_past_a_damaged_newest_checkpoint(
+    two_checkpoints, tmp_path, tiny_gin, capsys, damage
+):
+    """Resuming reads every tensor, so any flipped byte of the weights is reported."""
+    run = damaged_copy(two_checkpoints, tmp_path, damage)
     result = train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=4)
     out = capsys.readouterr()
     assert "cannot be read" in out.err and "-2 at step 2" in out.out
     assert result["step"] == 4  # and the damaged step-4 checkpoint is written again
-    assert rundir.load_for_inference(run)[1].endswith("-4")
+    assert checkpoints.load_for_inference(run)[1].endswith("-4")
 
 
 def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, tiny_gin):
@@ -139,9 +173,9 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
     shutil.copytree(two_checkpoints, run)
     for path in tf.train.get_checkpoint_state(str(run / "checkpoints")).all_model_checkpoint_paths:
         os.remove(data_file(path))
-    with pytest.raises(rundir.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
-        rundir.load_for_inference(run)
-    with pytest.raises(rundir.NoGoodCheckpoint, match="can be read"):
+    with pytest.raises(checkpoints.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
+        checkpoints.load_for_inference(run)
+    with pytest.raises(checkpoints.NoGoodCheckpoint, match="can be read"):
         train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=6)
 
 
@@ -151,8 +185,6 @@ def start_workers(run_dir, max_steps, log_dir, extra=()):
     run from ``log_dir`` (where a test may put a dataset module)."""
     import subprocess
     import sys
-
-    from test_train import ROOT, free_ports, worker_env
 
     workers = [f"127.0.0.1:{p}" for p in free_ports(2)]
     procs = []
@@ -200,7 +232,7 @@ def test_a_signal_to_one_worker_stops_every_worker_at_one_step_then_resume_and_a
     assert len(steps) == 1, logs
     (step,) = steps
     assert "rerun the same commands on every worker" in logs[0]
-    assert rundir.checkpoint_candidates(run_dir)[0].endswith(f"ckpt-{step}")
+    assert checkpoints.checkpoint_candidates(run_dir)[0].endswith(f"ckpt-{step}")
     assert not (run_dir / "tmp_worker_1").exists() and not (run_dir / "workertemp_1").exists()
 
     before = len(list((run_dir / "train").glob("events.*")))
@@ -230,10 +262,10 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
         os.kill(os.getpid(), signal.SIGTERM)
         finished.wait(60)  # a long compile, in the drawing thread
 
-    monkeypatch.setattr(training, "log_samples", slow_grid)
+    monkeypatch.setattr(reporting, "log_samples", slow_grid)
     gin.bind_parameter("train.images_to_log", 2)
     try:
-        with pytest.raises(training.TrainingInterrupted, match="sample logging"):
+        with pytest.raises(faults.TrainingInterrupted, match="sample logging"):
             train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=1)
         assert time.monotonic() - signalled[0] < 2.0
     finally:
@@ -292,4 +324,4 @@ def test_a_signal_during_a_multi_worker_evaluation_stops_every_worker_there(tmp_
     assert codes == [130, 130], logs
     for log in logs:
         assert "a signal to one of the workers during evaluation at step 8" in log, log[-2000:]
-    assert rundir.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")
+    assert checkpoints.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")

@@ -185,7 +185,9 @@ def test_dropout_masks_are_a_function_of_the_seed(rng):
     np.testing.assert_array_equal(out([1, 2]), out([1, 2]))
     assert np.abs(out([1, 2]) - out([1, 3])).max() > 0
     indices = [
-        r.dropout.index for r in model.layers_by_name().values() if isinstance(r, layers.GatedResnet)
+        r.dropout.index
+        for r in model.layers_by_name().values()
+        if isinstance(r, layers.GatedResnet)
     ]
     assert sorted(indices) == list(range(len(indices)))  # each layer draws its own masks
 
@@ -205,7 +207,9 @@ def test_recomputed_activations_give_the_same_gradients(rng):
     x = grid_batch(rng, 3, shape)
     labels = tf.constant([0, 2, 1])
     model.initialize(x, labels)
-    resnets = [layer for layer in model.layers_by_name().values() if isinstance(layer, layers.GatedResnet)]
+    resnets = [
+        layer for layer in model.layers_by_name().values() if isinstance(layer, layers.GatedResnet)
+    ]
     seed = tf.constant([5, 7], tf.int64)  # the same dropout masks in both passes
 
     def gradients(recompute):

@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from pixelcnn import data
 from pixelcnn.model import PixelCNNPP
-from pixelcnn.train import Trainer
+from pixelcnn.trainer import Trainer
 
 SHAPE = (12, 12, 1)
 
@@ -69,3 +69,30 @@ def test_bfloat16_training_matches_float32_bits_per_dim():
     # bits/dim (float32 3.846, bfloat16 3.828), after 300 by about 0.01 (3.594 and
     # 3.583).
     assert abs(bf16 - fp32) < 0.04, (fp32, bf16)
+
+
+def test_auto_precision_follows_the_hardware():
+    from pixelcnn.distribute import choose_precision
+
+    intel = {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    amd = {"avx2", "fma", "avx512f"}  # AVX-512 without its bfloat16 instructions
+    assert choose_precision(intel, [])[0] == "bfloat16"
+    assert choose_precision({"avx512_bf16"}, [])[0] == "bfloat16"
+    assert choose_precision({"amx_bf16"}, [])[0] == "bfloat16"
+    assert choose_precision(amd, [])[0] == "float32"
+    assert choose_precision(None, [])[0] == "float32"  # flags unreadable
+    # the GPUs decide when there are any: Ampere and later compute bfloat16
+    assert choose_precision(amd, [(8, 0)])[0] == "bfloat16"
+    assert choose_precision(amd, [(9, 0), (8, 6)])[0] == "bfloat16"
+    assert choose_precision(intel, [(7, 5)])[0] == "float32"
+    assert choose_precision(intel, [(8, 0), (7, 0)])[0] == "float32"  # the slowest decides
+
+
+def test_auto_precision_reads_this_machine(capsys):
+    from pixelcnn import distribute
+
+    flags = distribute.cpu_flags()
+    expected = distribute.choose_precision(flags, distribute.gpu_capabilities())[0]
+    assert distribute.resolve_precision("auto") == expected
+    assert f"precision auto: {expected}" in capsys.readouterr().out
+    assert distribute.resolve_precision("float32") == "float32"

@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from pixelcnn import PixelCNNPP
+from pixelcnn import PixelCNNPP, sampling
 from pixelcnn.likelihood import mixture_log_prob, to_unit_range
 from pixelcnn.sampling import complete, sample_fast, sample_naive, top_rows_mask
 
@@ -126,6 +126,8 @@ def test_reproducible_and_seed_dependent(rgb_model):
     np.testing.assert_array_equal(
         sample_fast(rgb_model, N, seed=9).numpy(), sample_fast(rgb_model, N, seed=(0, 9)).numpy()
     )
+    # every call above reused the one program the model holds for this batch size
+    assert sampling.compiled(rgb_model, "fast_xla").experimental_get_tracing_count() == 1
 
 
 # ----------------------------------------------------------------------------- completion

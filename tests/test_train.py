@@ -5,86 +5,34 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import gin
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from pixelcnn import codec, likelihood, rundir
-from pixelcnn import train as training
-from pixelcnn.images import make_grid
-from pixelcnn.model import PixelCNNPP
-
-ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (6, 6, 1)
-TINY = dict(
-    image_shape=SHAPE,
-    residual_blocks=2,
-    residual_layers_per_block=1,
-    filters=8,
-    num_mixtures=2,
-    dropout_rate=0.0,
+from helpers import (
+    ROOT,
+    SHAPE,
+    TINY,
+    array_dataset_fn,
+    bind_tiny,
+    free_ports,
+    initial_weights,
+    make_batches,
+    make_trainer,
+    run_steps,
+    set_weights,
+    worker_env,
 )
 
-
-def tiny_model(dtype=None):
-    return PixelCNNPP(**TINY, dtype=dtype)
-
-
-def make_batches(n_batches=2, batch=8, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (n_batches * batch, *SHAPE)).astype(np.uint8)
-
-
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
-def make_trainer(strategy):
-    return training.Trainer(
-        strategy,
-        tiny_model,
-        learning_rate=2e-3,
-        learning_rate_decay=0.999995,
-        beta_1=0.95,
-        beta_2=0.9995,
-        ema_decay=0.9995,
-        precision="float32",
-    )
-
-
-def set_weights(trainer, weights):
-    """Gives the trainer's model and its EMA copy the same given weights."""
-    for model in (trainer.model, trainer.ema):
-        for v, w in zip(model.trainable_variables, weights, strict=True):
-            v.assign(w)
-
-
-def run_steps(trainer, images, batch=8):
-    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch)
-    ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
-    losses = []
-    dist = trainer.strategy.experimental_distribute_dataset(ds)
-    trainer.trace_for(train_spec=dist.element_spec)
-    for b in dist:
-        losses.append(float(trainer.train_step(b)[0]))
-    return losses
-
-
-def initial_weights():
-    model = tiny_model()
-    images = make_batches()
-    model.initialize(tf.constant(images[:8], tf.float32) * (2 / 255) - 1)
-    return [w.numpy() for w in model.trainable_variables]
+from pixelcnn import checkpoints, codec, faults, likelihood
+from pixelcnn import train as training
+from pixelcnn.files import make_grid
+from pixelcnn.model import PixelCNNPP
+from pixelcnn.trainer import Trainer
 
 
 def test_mirrored_matches_one_device_and_partial_batches_are_means():
@@ -137,7 +85,7 @@ WORKER = textwrap.dedent(
     import numpy as np
     import tensorflow as tf
     sys.path.insert(0, {tests!r})
-    import test_train as t
+    import helpers as t
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     blob = np.load({blob!r}, allow_pickle=True)
     images, weights = blob["images"], list(blob["weights"])
@@ -157,25 +105,6 @@ WORKER = textwrap.dedent(
     print("LOSSES", json.dumps(losses))
     """
 )
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def worker_env(workers, index):
-    """The environment of worker ``index`` of a local cluster at ``workers``."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
-    env["TF_CONFIG"] = json.dumps(
-        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-    )
-    return env
 
 
 def test_multiworker_matches_one_device(tmp_path):
@@ -209,25 +138,13 @@ def test_multiworker_matches_one_device(tmp_path):
 
 
 # ---------------------------------------------------------------------------- train()
-def bind_tiny(extra=()):
-    gin.parse_config(
-        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()]
-        + ["train.images_to_log = 0", "train.learning_rate = 2e-3"]
-        + list(extra)
-    )
-
-
-def array_dataset_fn(images):
-    def fn(batch_size):
-        x = tf.data.Dataset.from_tensor_slices(images)
-        return x.batch(batch_size), x.take(8).batch(batch_size)
-
-    return fn
-
-
-def test_resume_continues_the_same_curve(tmp_path, clean_gin):
+@pytest.mark.parametrize("background", [False, True], ids=["plain", "background"])
+def test_resume_continues_the_same_curve(tmp_path, clean_gin, background):
+    """Bit-exact resume; a background model's perturbed images and weight penalty
+    included (its draws are a function of seed, epoch and batch)."""
     images = make_batches(n_batches=4)
-    bind_tiny(["PixelCNNPP.dropout_rate = 0.3"])  # the masks must continue too
+    extra = ["train.mutation_rate = 0.2", "train.l2_weight = 0.001"] if background else []
+    bind_tiny(["PixelCNNPP.dropout_rate = 0.3", *extra])  # the masks must continue too
     fn = array_dataset_fn(images)
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
     straight = training.train(
@@ -240,8 +157,8 @@ def test_resume_continues_the_same_curve(tmp_path, clean_gin):
         tmp_path / "b", one, dataset_fn=fn, batch_size=8, max_steps=4, max_epoch=1, progress=False
     )
     assert straight["step"] == resumed["step"] == 4
-    a, _ = rundir.load_for_inference(tmp_path / "a")
-    b, _ = rundir.load_for_inference(tmp_path / "b")
+    a, _ = checkpoints.load_for_inference(tmp_path / "a")
+    b, _ = checkpoints.load_for_inference(tmp_path / "b")
     # Same data order (skip to the stopped step), same restored optimizer and EMA state,
     # the same dropout masks (a function of seed, step and replica), same deterministic
     # CPU kernels: bit-exact.
@@ -250,7 +167,14 @@ def test_resume_continues_the_same_curve(tmp_path, clean_gin):
     assert straight["test_bits_per_dim"] == resumed["test_bits_per_dim"]
     # the run directory alone rebuilds the model
     assert json.loads((tmp_path / "b" / "model.json").read_text())["filters"] == 8
-    assert "PixelCNNPP.filters = 8" in (tmp_path / "b" / "operative_config.gin").read_text()
+    config = (tmp_path / "b" / "operative_config.gin").read_text()
+    assert "PixelCNNPP.filters = 8" in config
+    if background:
+        assert "train.mutation_rate = 0.2" in config and "train.l2_weight = 0.001" in config
+        # evaluations score the test images as they are: only training images are perturbed
+        test = images[:8]
+        clean = likelihood.bits_per_dim(b.log_prob(test).numpy().mean(), SHAPE)
+        assert resumed["test_bits_per_dim"] == pytest.approx(float(clean), rel=1e-5)
 
 
 def digits_8x8(n):
@@ -270,14 +194,14 @@ def test_a_checkpoint_of_the_old_layout_loads(tmp_path):
     expected = np.load(run / "expected.npz")
     images, labels = expected["images"], expected["labels"]
 
-    model, _ = rundir.load_for_inference(run)
+    model, _ = checkpoints.load_for_inference(run)
     np.testing.assert_allclose(model.log_prob(images, labels), expected["log_prob_ema"], rtol=1e-6)
     # compressed files name their weights by this fingerprint (variable paths included)
     assert codec.weights_fingerprint(model) == str(expected["ema_fingerprint"])
 
-    config = rundir.model_config(run).to_json()
+    config = checkpoints.model_config(run).to_json()
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer = training.Trainer(
+    trainer = Trainer(
         strategy,
         lambda dtype: PixelCNNPP(**config, dtype=dtype),
         2e-3,
@@ -287,7 +211,7 @@ def test_a_checkpoint_of_the_old_layout_loads(tmp_path):
         0.9,
         "float32",
     )
-    assert training._Checkpoints(trainer, run, strategy, keep=2, every_minutes=10).restore()
+    assert checkpoints.Checkpoints(trainer, run, strategy, keep=2, every_minutes=10).restore()
     assert int(trainer.step) == int(expected["step"])
     np.testing.assert_allclose(
         trainer.model.log_prob(images, labels), expected["log_prob_model"], rtol=1e-6
@@ -301,10 +225,21 @@ def test_a_checkpoint_of_the_old_layout_loads(tmp_path):
             np.testing.assert_array_equal(mine, expected[f"{kind}:{v.path}"])
 
 
-def test_ema_decay_warms_up_as_tensorflow_num_updates_rule():
-    t = np.arange(0, 50_000, 7)
-    ours = training.ema_decay_at(0.9995, tf.constant(t)).numpy()
-    np.testing.assert_allclose(ours, np.minimum(0.9995, (1 + t) / (10 + t)), rtol=1e-6)
+def test_ema_variables_follow_the_warmed_up_average_step_by_step():
+    """After each optimizer step t (from 0) the Trainer's EMA weights equal the float64
+    recurrence e <- e - (1 - d_t)(e - w) on the raw weights w after that step, with
+    d_t = min(0.9995, (1 + t) / (10 + t)): TensorFlow's num_updates warm-up."""
+    trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    set_weights(trainer, initial_weights())
+    images = make_batches(n_batches=4)
+    ema = [v.numpy().astype(np.float64) for v in trainer.ema.trainable_variables]
+    for t in range(4):
+        run_steps(trainer, images[8 * t : 8 * t + 8])
+        d = min(0.9995, (1 + t) / (10 + t))
+        raw = [v.numpy().astype(np.float64) for v in trainer.model.trainable_variables]
+        ema = [e - (1 - d) * (e - w) for e, w in zip(ema, raw, strict=True)]
+        for e, v in zip(ema, trainer.ema.trainable_variables, strict=True):
+            np.testing.assert_allclose(v.numpy(), e, rtol=1e-5, atol=1e-7)
 
 
 def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
@@ -339,44 +274,42 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
     evaluation = result["evaluations"][-1]
     assert evaluation["test_bits_per_dim_ema"] == ema and evaluation["step"] == 284
     # raw means the training weights, as `evaluate --raw-weights` scores them
-    model, _ = rundir.load_for_inference(tmp_path, use_ema=False)
+    model, _ = checkpoints.load_for_inference(tmp_path, use_ema=False)
     x = tf.constant(images[:256], tf.int32)
     bpd = float(tf.reduce_mean(likelihood.bits_per_dim(model.log_prob(x), model.image_shape)))
     assert bpd == pytest.approx(raw, rel=1e-5)
 
 
-def test_max_minutes_stops_in_time_with_a_final_evaluation_and_checkpoint(tmp_path, clean_gin):
+def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
+    """`train.max_minutes = 1` (the tiny config, an endless run): the command exits
+    within a minute of its start, TensorFlow's import, the final evaluation and the
+    checkpoint included, having trained past its first step."""
     import time
 
-    bind_tiny()
-    images = make_batches(n_batches=4)
-
-    def endless(batch_size):
-        x = tf.data.Dataset.from_tensor_slices(images)
-        return x.repeat().batch(batch_size), x.take(16).batch(batch_size)
-
-    one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    # minutes: until an evaluation has been timed, the run reserves three first-step
-    # times (trace included: 15-25 s in two test processes, on the slower CPUs this
-    # suite meets), so a 0.75-minute budget left room for one step only there
-    budget = 1.5
-    began = time.monotonic()
-    result = training.train(
-        tmp_path, one, dataset_fn=endless, batch_size=8, max_minutes=budget, progress=False
-    )
-    elapsed = time.monotonic() - began
+    run = tmp_path / "run"
+    command = [
+        sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
+        "--binding", "train.max_minutes = 1.0", "--binding", "train.max_steps = None",
+        "--binding", "train.max_epoch = 1000", "--binding", "train.images_to_log = 0",
+        "--binding", "embedded_mnist.test_size = 16", "--log-dir", str(run), "single",
+    ]  # fmt: skip
+    began = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    elapsed = time.time() - began
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert elapsed < 60.0, elapsed
+    result = json.loads((run / "metrics.json").read_text())
     assert result["stopped"] == "max_minutes"
-    assert elapsed < 60 * budget, elapsed  # the final evaluation and save fit the budget
-    # it trained past its first step (how far depends on the machine: 2 steps on a slow,
-    # loaded one), and the final evaluation is of the last step
+    # it trained past its first step (how far depends on the machine), and the final
+    # evaluation is of the last step, timed per pass
     assert result["step"] >= 2 and result["evaluations"][-1]["step"] == result["step"]
-    latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    assert result["evaluations"][-1]["eval_seconds_ema"] > 0
+    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == result["step"]
-    assert json.loads((tmp_path / "metrics.json").read_text())["stopped"] == "max_minutes"
     # what the run wrote for TensorBoard
     tags = set()
     for split in ("train", "eval", "eval_raw"):
-        for f in (tmp_path / split).glob("events.*"):
+        for f in (run / split).glob("events.*"):
             for e in tf.compat.v1.train.summary_iterator(str(f)):
                 tags |= {f"{split}/{v.tag}" for v in e.summary.value}
     assert {
@@ -423,7 +356,7 @@ def test_sigterm_saves_before_exit(tmp_path, clean_gin):
         return ds.map(maybe_signal), tf.data.Dataset.from_tensor_slices(images[:8]).batch(8)
 
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    with pytest.raises(training.TrainingInterrupted, match="resume"):
+    with pytest.raises(faults.TrainingInterrupted, match="resume"):
         training.train(tmp_path, one, dataset_fn=fn, batch_size=8, max_epoch=1, progress=False)
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert latest is not None and 1 <= int(latest.rsplit("-", 1)[1]) < 6
@@ -462,38 +395,40 @@ def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message)
 
 
 # ---------------------------------------------------------------------------- configs
-# The MNIST and CIFAR-10 configs download their data; their dry run reads data of the
-# shape and bit depth those loaders give instead (MNIST: the embedded subset).
-OFFLINE_DATA = {"mnist.gin": "mnist", "cifar10.gin": (32, 32, 3)}
+def write_offline_data(tmp_path) -> list[tuple[str, str]]:
+    """Small files in the formats the MNIST and CIFAR-10 loaders read (their download
+    needs a network): mnist.npz as keras.datasets writes it (digits of the embedded
+    subset) and a cifar-10-batches-py folder of random images; the bindings to them."""
+    import pickle
 
-
-def offline_dataset_fn(kind):
     from pixelcnn import data
 
-    if kind == "mnist":
-        images, _ = data.load_embedded_mnist()
-    else:
-        images = np.random.default_rng(0).integers(0, 256, (16, *kind)).astype(np.uint8)
-
-    def fn(batch_size):
-        ds = tf.data.Dataset.from_tensor_slices(images[:64])
-        return ds.batch(batch_size), ds.take(8).batch(batch_size)
-
-    return fn
+    digits, labels = data.load_embedded_mnist()
+    mnist = tmp_path / "mnist.npz"
+    np.savez(
+        mnist, x_train=digits[:64, ..., 0], y_train=labels[:64], x_test=digits[64:72, ..., 0],
+        y_test=labels[64:72],
+    )  # fmt: skip
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", 8) for i in range(1, 6)), ("test_batch", 8)]:
+        batch = {b"data": rng.integers(0, 256, (n, 3072), np.uint8), b"labels": [1] * n}
+        (cifar / name).write_bytes(pickle.dumps(batch))
+    return [("mnist.path", str(mnist)), ("cifar10.path", str(tmp_path))]
 
 
 @pytest.mark.parametrize(
     "config", sorted((ROOT / "experiments").glob("*.gin")), ids=lambda p: p.name
 )
 def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
-    """Each shipped config, as written, runs one training step and its evaluations (its
-    optimizer, schedule, precision, EMA and data bindings), with the network narrowed
-    (8 filters, 2 resolutions, no resnets) to keep the suite fast; the data decides the
-    image shape unless the config binds it."""
+    """Each shipped config, as written (its dataset, optimizer, schedule, precision and
+    EMA bindings; MNIST and CIFAR-10 read small local files), runs one training step and
+    its evaluations, with the network narrowed (8 filters, 2 resolutions, no resnets) to
+    keep the suite fast; the data decides the image shape unless the config binds it."""
     from pixelcnn import cli
 
     cli.parse_gin((str(config),), ())
-    assert callable(gin.query_parameter("train.dataset_fn").scoped_configurable_fn)
     overrides = [
         ("PixelCNNPP.filters", 8),
         ("PixelCNNPP.residual_blocks", 2),
@@ -501,20 +436,18 @@ def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
         ("train.batch_size", 8),
         ("train.max_steps", 1),
         ("train.images_to_log", 0),
+        ("embedded_mnist.test_size", 16),  # a smaller test split, evaluated twice per run
+        *write_offline_data(tmp_path),
     ]
-    if config.name in OFFLINE_DATA:
-        overrides.append(("train.dataset_fn", offline_dataset_fn(OFFLINE_DATA[config.name])))
-    else:  # the embedded subset: a smaller test split, evaluated twice per run
-        overrides.append(("embedded_mnist.test_size", 16))
     with gin.unlock_config():
         for name, value in overrides:
             gin.bind_parameter(name, value)
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    result = training.train(tmp_path, one, progress=False)
+    result = training.train(tmp_path / "run", one, progress=False)
     assert result["step"] == 1
     assert math.isfinite(result["test_bits_per_dim"])
     assert math.isfinite(result["test_bits_per_dim_raw"])
-    shape = json.loads((tmp_path / "model.json").read_text())["image_shape"]
+    shape = json.loads((tmp_path / "run" / "model.json").read_text())["image_shape"]
     assert tuple(shape) == {"cifar10.gin": (32, 32, 3)}.get(config.name, (28, 28, 1))
 
 

@@ -5,7 +5,9 @@ tests/test_frozen_files.py to prove that later code still reads them.
   images.pcnn   5 random 5x6x1 images (labels 0/1) compressed by pixelcnn.codec.encode
                 with the EMA weights of tests/data/legacy_run
   export/       pixelcnn.serving.export of tests/data/legacy_run (EMA weights,
-                sample_batch_size 4): export/1 is the SavedModel
+                sample_batch_size 4): export/1 is the SavedModel, except that its
+                saved_model.pb (5.9 MB: the unrolled sampling graph) is stored
+                xz-compressed as saved_model.pb.xz (about 0.1 MB); decompress it to load
   expected.npz  images, labels, log_prob_ema (model.log_prob, EMA weights), and what
                 the export's signatures return: log_prob_export and bits_per_dim_export
                 (log_prob of the images), params_export (params of the images),
@@ -15,6 +17,7 @@ Run from the repository root at that commit (writes into tests/data/frozen, whic
 not exist): python tests/data/make_frozen_files.py
 """
 
+import lzma
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,5 +87,10 @@ with tempfile.TemporaryDirectory() as tmp:
         sample_labels=sample_labels,
         samples_export=samples,
     )
+    pb = saved / "saved_model.pb"
+    pb.with_name(pb.name + ".xz").write_bytes(
+        lzma.compress(pb.read_bytes(), preset=9 | lzma.PRESET_EXTREME)
+    )
+    pb.unlink()
     print("log_prob", log_prob_ema, "export", lp["log_prob"].numpy())
     print("samples", samples.reshape(5, -1))

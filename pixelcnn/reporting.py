@@ -1,0 +1,162 @@
+"""What a training run reports: evaluations (EMA and raw weights), TensorBoard
+summaries, sample grids and metrics.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn import distribute, faults, files, sampling
+from pixelcnn.trainer import WEIGHTS
+
+
+def eval_run_name(weights: str) -> str:
+    """The TensorBoard run of an evaluation: eval/ (EMA weights), eval_raw/."""
+    return "eval" if weights == "ema" else f"eval_{weights}"
+
+
+class Summaries:
+    """TensorBoard writers: train/, eval/ (EMA weights) and eval_raw/ (raw weights).
+    The operative config goes in as text at start-up."""
+
+    def __init__(self, run_dir: str, chief: bool):
+        names = ("train", *(eval_run_name(w) for w in WEIGHTS))
+        self.writers = {
+            k: tf.summary.create_file_writer(os.path.join(run_dir, k))
+            if chief
+            else tf.summary.create_noop_writer()
+            for k in names
+        }
+        text = "\n".join("    " + line for line in gin.operative_config_str().splitlines())
+        with self.writers["train"].as_default():
+            tf.summary.text("operative_config", text, step=0)
+
+    def scalars(self, run: str, step: int, **values) -> None:
+        with self.writers[run].as_default():
+            for tag, value in values.items():
+                tf.summary.scalar(tag, value, step=step)
+
+    def image(self, tag: str, grid: np.ndarray, step: int) -> None:
+        with self.writers["train"].as_default():
+            tf.summary.image(tag, grid[None].astype(np.float32) / 255.0, step=step)
+
+    def flush(self) -> None:
+        for w in self.writers.values():
+            w.flush()
+
+
+def log_samples(model, run_dir: str, count: int, seed: int, step: int) -> tuple[str, np.ndarray]:
+    """Draws ``count`` samples with the (EMA) model; writes and returns a PNG grid."""
+    labels = None
+    if model.num_classes:
+        labels = tf.range(count) % model.num_classes
+    drawn = sampling.sample_fast(model, count, labels=labels, seed=(seed, step))
+    grid = files.make_grid(drawn.numpy(), model.num_bits)
+    path = os.path.join(run_dir, "samples", f"step_{step:08d}.png")
+    files.save_png(grid, path)
+    return path, grid
+
+
+class Report:
+    """What one invocation of train() measured: evaluations, samples, the train loss."""
+
+    def __init__(self, trainer, test_ds, summaries: Summaries, run_dir: str, start: float):
+        self.trainer, self.test_ds = trainer, test_ds
+        self.summaries, self.run_dir, self.start = summaries, run_dir, start
+        self.train_bits_per_dim = None
+        self.evaluations, self.samples = [], []
+        self.eval_seconds = None  # how long the last evaluation took
+
+    def train_step(self, step: int, nll: float, count: int, seconds: float) -> None:
+        """One training step's loss (nats per image) and speed, to TensorBoard."""
+        trainer = self.trainer
+        running = self.train_bits_per_dim
+        bpd = trainer.bits_per_dim(nll)
+        self.train_bits_per_dim = bpd if running is None else 0.98 * running + 0.02 * bpd
+        self.summaries.scalars(
+            "train",
+            step,
+            nll=nll,
+            bits_per_dim=bpd,
+            learning_rate=trainer.schedule(step - 1),
+            images_per_sec=count / seconds,
+        )
+
+    def evaluate(self, images: int, should_stop) -> dict:
+        """Test bits/dim with the EMA and the raw weights; console, TensorBoard, result.
+        ``should_stop()`` is asked before every batch (``faults.SignalReceived``)."""
+        began = time.monotonic()
+        trainer, step = self.trainer, distribute.value(self.trainer.step)
+        dist_test = trainer.strategy.experimental_distribute_dataset(self.test_ds)
+        trainer.trace_for(eval_spec=dist_test.element_spec)
+        entry = {"step": step, "epoch": distribute.value(trainer.epoch), "images": images}
+        for weights in WEIGHTS:
+            pass_began = time.monotonic()
+            nll = trainer.evaluate(dist_test, weights, should_stop)
+            bpd = trainer.bits_per_dim(nll)
+            self.summaries.scalars(eval_run_name(weights), step, nll=nll, bits_per_dim=bpd)
+            entry[f"test_bits_per_dim_{weights}"] = bpd
+            entry[f"eval_seconds_{weights}"] = round(time.monotonic() - pass_began, 2)
+        now = time.monotonic()
+        self.eval_seconds = now - began
+        entry["seconds"] = round(now - self.start, 1)
+        self.evaluations.append(entry)
+        print(
+            f"epoch {entry['epoch']} step {step}: test bits/dim "
+            f"{entry['test_bits_per_dim_ema']:.4f} (EMA weights), "
+            f"{entry['test_bits_per_dim_raw']:.4f} (raw weights)"
+        )
+        return entry
+
+    def log_samples(self, count: int, seed: int, stop: faults.StopRequested) -> None:
+        """Draws and writes the sample grid. It runs in a thread the loop watches, so a
+        signal abandons it within a fraction of a second (the first draw compiles the
+        sampler: seconds to a minute that a preemption's grace period may not have).
+        In a multi-worker run TF's preemption handler owns the signals instead: the
+        grid is finished first there (``faults.Preemption``)."""
+        if not count:
+            return
+        step = distribute.value(self.trainer.step)
+        done = {}
+
+        def draw():
+            try:
+                done["result"] = log_samples(self.trainer.ema, self.run_dir, count, seed, step)
+            except Exception as e:  # raised again in the loop's thread
+                done["error"] = e
+
+        thread = threading.Thread(target=draw, name="log_samples", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.1)
+            if stop.signal is not None:
+                raise faults.SignalReceived("sample logging")
+        if "error" in done:
+            raise done["error"]
+        path, grid = done["result"]
+        self.summaries.image("samples", grid, step)
+        self.samples.append(path)
+
+    def result(self, stopped: str) -> dict:
+        last = self.evaluations[-1] if self.evaluations else {}
+        return {
+            "step": distribute.value(self.trainer.step),
+            "epoch": distribute.value(self.trainer.epoch),
+            "train_bits_per_dim": self.train_bits_per_dim,
+            "test_bits_per_dim": last.get("test_bits_per_dim_ema"),
+            "test_bits_per_dim_raw": last.get("test_bits_per_dim_raw"),
+            "evaluations": self.evaluations,
+            "samples": self.samples,
+            "stopped": stopped,
+        }
+
+    def write(self, result: dict) -> None:
+        """metrics.json in the run directory."""
+        path = os.path.join(self.run_dir, "metrics.json")
+        files.write_atomic(path, json.dumps(result, indent=2) + "\n")

@@ -1,0 +1,108 @@
+"""Shared set-up of the tests: the tiny model and Trainer, batches of random images,
+gin bindings, and local multi-worker clusters. Imported by test files (``from helpers
+import ...``) and by the worker scripts they start."""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import gin
+import numpy as np
+import tensorflow as tf
+
+from pixelcnn.model import PixelCNNPP
+from pixelcnn.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (6, 6, 1)
+TINY = dict(
+    image_shape=SHAPE,
+    residual_blocks=2,
+    residual_layers_per_block=1,
+    filters=8,
+    num_mixtures=2,
+    dropout_rate=0.0,
+)
+
+
+def tiny_model(dtype=None):
+    return PixelCNNPP(**TINY, dtype=dtype)
+
+
+def make_batches(n_batches=2, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n_batches * batch, *SHAPE)).astype(np.uint8)
+
+
+def make_trainer(strategy):
+    return Trainer(
+        strategy,
+        tiny_model,
+        learning_rate=2e-3,
+        learning_rate_decay=0.999995,
+        beta_1=0.95,
+        beta_2=0.9995,
+        ema_decay=0.9995,
+        precision="float32",
+    )
+
+
+def set_weights(trainer, weights):
+    """Gives the trainer's model and its EMA copy the same given weights."""
+    for model in (trainer.model, trainer.ema):
+        for v, w in zip(model.trainable_variables, weights, strict=True):
+            v.assign(w)
+
+
+def run_steps(trainer, images, batch=8):
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch)
+    ds = ds.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
+    losses = []
+    dist = trainer.strategy.experimental_distribute_dataset(ds)
+    trainer.trace_for(train_spec=dist.element_spec)
+    for b in dist:
+        losses.append(float(trainer.train_step(b)[0]))
+    return losses
+
+
+def initial_weights():
+    model = tiny_model()
+    images = make_batches()
+    model.initialize(tf.constant(images[:8], tf.float32) * (2 / 255) - 1)
+    return [w.numpy() for w in model.trainable_variables]
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def worker_env(workers, index):
+    """The environment of worker ``index`` of a local cluster at ``workers``."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
+    env["TF_CONFIG"] = json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+    )
+    return env
+
+
+def bind_tiny(extra=()):
+    gin.parse_config(
+        [f"PixelCNNPP.{k} = {v!r}" for k, v in TINY.items()]
+        + ["train.images_to_log = 0", "train.learning_rate = 2e-3"]
+        + list(extra)
+    )
+
+
+def array_dataset_fn(images):
+    def fn(batch_size):
+        x = tf.data.Dataset.from_tensor_slices(images)
+        return x.batch(batch_size), x.take(8).batch(batch_size)
+
+    return fn
