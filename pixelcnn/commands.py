@@ -88,7 +88,6 @@ def evaluate(
 @click.pass_context
 def sample(ctx, checkpoint, num, labels, seed, output, naive, batch_size, devices):
     """Draw images from a trained run; writes a PNG grid and a .npz of integer images."""
-
     from pixelcnn import files, sampling
 
     run_dir, model, strategy = load(ctx, checkpoint, devices=devices)

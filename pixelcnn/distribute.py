@@ -165,7 +165,7 @@ def compile_fn(fn, spec=None):
 
     No autograph: the model, the likelihood and the steps have no Python control flow
     on tensors (the traced graph is the same), and converting them only lengthens each
-    trace (benchmarks/README.md).
+    trace.
     """
     if spec is None:
         return tf.function(fn, reduce_retracing=True, autograph=False)

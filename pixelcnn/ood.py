@@ -331,7 +331,7 @@ def scores_csv(scores: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189))
 
 
 def roc_image(scores: dict, size: int = 360) -> np.ndarray:

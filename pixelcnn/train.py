@@ -6,6 +6,28 @@ epochs of steps with evaluations (EMA and raw weights), checkpoints, summaries a
 sample grids. The run directory and checkpoints are ``pixelcnn.checkpoints``; what
 the run reports, ``pixelcnn.reporting``; signals, preemption and the time budget,
 ``pixelcnn.faults``; devices and strategies, ``pixelcnn.distribute``.
+
+The bindings of ``train``:
+  dataset_fn: see ``pixelcnn.contract``; the images' (H, W, C) decide the model's
+    image_shape unless ``PixelCNNPP.image_shape`` is bound (then they must match).
+  batch_size: global, over all replicas; init_batch_size: images of the data-dependent
+    init (once, never on resume).
+  learning_rate, learning_rate_decay (a factor every step), beta_1, beta_2: Adam, the
+    authors' defaults; ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
+  max_epoch, max_steps, max_minutes: where to stop; the time budget includes the final
+    evaluation and checkpoint, counted from ``started`` (a ``time.time()``: the CLI
+    passes its process's start) or else from the call.
+  chkpt_to_keep, checkpoint_every_minutes: checkpoints, also written every epoch, at the
+    end and on SIGINT/SIGTERM.
+  eval_every_steps: evaluations besides each epoch's; raw_eval_every: the raw (training)
+    weights are scored at every that-many-th evaluation and the last (the EMA weights at
+    every one).
+  images_to_log every log_images_every epochs: sample grids (0: none).
+  precision: "float32", "bfloat16" (mixed: weights, EMA, optimizer state and the
+    likelihood stay float32) or "auto" (``distribute.choose_precision``).
+  seed: initial weights, dropout masks, data perturbation and samples.
+  mutation_rate, l2_weight: a likelihood ratio's background model (``data.mutate``,
+    ``trainer.Trainer``); 0 for an ordinary model.
 """
 
 from __future__ import annotations
@@ -20,7 +42,7 @@ import keras
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pixelcnn import checkpoints, contract, data, distribute, faults, reporting
+from pixelcnn import checkpoints, checks, contract, data, distribute, faults, reporting
 from pixelcnn.model import PixelCNNPP
 from pixelcnn.trainer import PRECISIONS, Trainer
 
@@ -43,6 +65,7 @@ def train(
     chkpt_to_keep: int = 5,
     checkpoint_every_minutes: float = 10.0,
     eval_every_steps: int | None = None,
+    raw_eval_every: int = 1,
     images_to_log: int = 16,
     log_images_every: int = 1,
     init_batch_size: int = 16,
@@ -54,25 +77,10 @@ def train(
     started: float | None = None,
 ) -> dict:
     """Trains a PixelCNNPP (built from the gin bindings of PixelCNNPP) on
-    ``dataset_fn(batch_size) -> (train, test)`` and returns its metrics; a ``run_dir``
-    with checkpoints resumes. Every argument after ``strategy`` is a gin binding:
-
-      dataset_fn: see ``pixelcnn.contract``; the images' (H, W, C) decide the model's
-        image_shape unless ``PixelCNNPP.image_shape`` is bound (then they must match).
-      batch_size: global, over all replicas; init_batch_size: for data-dependent init.
-      learning_rate, learning_rate_decay (a factor every step), beta_1, beta_2: Adam,
-        the authors' defaults; ema_decay: Polyak averaging, warmed up (``ema_decay_at``).
-      max_epoch, max_steps, max_minutes: where to stop; the budget includes the final
-        evaluation and save, from ``started`` (a ``time.time()``: the CLI's start) or the call.
-      chkpt_to_keep, checkpoint_every_minutes: checkpoints, also every epoch, at the end
-        and on SIGINT/SIGTERM; eval_every_steps: evaluations besides each epoch's;
-        images_to_log every log_images_every epochs: sample grids (0: none).
-      precision: "float32", "bfloat16" (mixed: weights, EMA, optimizer state and the
-        likelihood stay float32) or "auto" (``distribute.choose_precision``); seed:
-        initial weights, dropout masks, samples; mutation_rate, l2_weight: a likelihood
-        ratio's background model (``data.mutate``, ``Trainer``).
-    Returns {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim" (EMA),
-    "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}.
+    ``dataset_fn(batch_size) -> (train, test)``; a ``run_dir`` with checkpoints resumes.
+    Every argument after ``strategy`` is a gin binding (the module docstring says what
+    each does). Returns {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim"
+    (EMA), "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}.
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
@@ -83,6 +91,7 @@ def train(
     loop = _Loop(trainer, os.fspath(run_dir), test_ds, (start, max_minutes), batch_size, progress)
     loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
     loop.samples, loop.mutation_rate = (images_to_log, log_images_every, seed), mutation_rate
+    loop.raw_eval_every = checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
     with faults.StopRequested() as stop, faults.stopping(strategy, loop.saver, stop) as preemption:
         loop.stop, loop.preemption = stop, preemption
         stopped = loop.run(train_ds, max_epoch, max_steps, eval_every_steps)
@@ -115,14 +124,11 @@ class _Loop:
     def __init__(self, trainer, run_dir: str, test_ds, budget, batch_size, progress):
         """budget: (start, a time.monotonic(); train.max_minutes or None)."""
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
+        self.test_ds, self.start, self.batch_size = test_ds, budget[0], batch_size
         self.chief = distribute.is_chief(trainer.strategy)
-        summaries = reporting.Summaries(run_dir, self.chief)
-        self.report = reporting.Report(trainer, test_ds, summaries, run_dir, budget[0])
         self.deadline = faults.Deadline(*budget, int(test_ds.cardinality()))
-        # steps before a resume are counted as full batches
-        self.images = distribute.value(trainer.step) * batch_size
-        self.saver = self.stop = self.preemption = None
-        self.mutation_rate = 0.0
+        self.saver = self.report = self.stop = self.preemption = None
+        self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
         self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
 
     def set_up(self, init, init_batch_size: int, keep) -> None:
@@ -135,6 +141,10 @@ class _Loop:
         self.saver = checkpoints.Checkpoints(trainer, self.run_dir, trainer.strategy, *keep)
         if not self.saver.restore():
             trainer.initialize(*(t if t is None else t[:init_batch_size] for t in init))
+        # steps before a resume are counted as full batches
+        self.images = distribute.value(trainer.step) * self.batch_size
+        summaries = reporting.Summaries(self.run_dir, self.chief)  # training starts now
+        self.report = reporting.Report(trainer, self.test_ds, summaries, self.run_dir, self.start)
 
     def finish(self, stopped: str | None, max_minutes) -> dict:
         """The last save (a signal now only waits for it), summaries, metrics.json."""
@@ -148,8 +158,14 @@ class _Loop:
             self.report.write(result)
         return result
 
-    def evaluate(self) -> None:
-        self.report.evaluate(self.images, self.preemption.should_stop)
+    def evaluate(self, final: bool = False, weights=None) -> None:
+        """An evaluation: the EMA weights, and the raw ones every ``raw_eval_every``-th
+        time and at the end (``weights`` names them instead)."""
+        self.evaluations += 1
+        if weights is None:
+            raw = final or self.evaluations % self.raw_eval_every == 0
+            weights = ("ema", "raw") if raw else ("ema",)
+        self.report.evaluate(self.images, self.preemption.should_stop, weights)
 
     def run(self, train_ds, max_epoch, max_steps, eval_every_steps) -> str | None:
         """Trains until the end; returns why it stopped earlier ("max_steps",
@@ -173,9 +189,11 @@ class _Loop:
             if self.stop.signal is not None:  # arrived while sampling or saving
                 raise faults.SignalReceived("the end of an epoch")
         self.preemption.close()
-        last = self.report.evaluations[-1]["step"] if self.report.evaluations else None
-        if last != distribute.value(trainer.step):
-            self.evaluate()
+        last = self.report.evaluations[-1] if self.report.evaluations else {}
+        if last.get("step") != distribute.value(trainer.step):
+            self.evaluate(final=True)
+        elif "test_bits_per_dim_raw" not in last:  # the final result reports both
+            self.evaluate(weights=("raw",))
         # A budget stop draws no final grid: its time is not in the estimate.
         if not self.report.samples and self.chief and stopped != "max_minutes":
             self.report.log_samples(count, seed, self.stop)

@@ -157,6 +157,8 @@ def test_resume_continues_the_same_curve(tmp_path, clean_gin, background):
         tmp_path / "b", one, dataset_fn=fn, batch_size=8, max_steps=4, max_epoch=1, progress=False
     )
     assert straight["step"] == resumed["step"] == 4
+    # images seen count the steps before the resume too
+    assert straight["evaluations"][-1]["images"] == resumed["evaluations"][-1]["images"] == 32
     a, _ = checkpoints.load_for_inference(tmp_path / "a")
     b, _ = checkpoints.load_for_inference(tmp_path / "b")
     # Same data order (skip to the stopped step), same restored optimizer and EMA state,
@@ -468,3 +470,18 @@ def test_misspelt_binding_names_the_binding(clean_gin):
     )
     assert result.exit_code != 0
     assert "batch_sise" in result.output
+
+
+def test_raw_weights_are_scored_every_nth_evaluation_and_at_the_end(tmp_path, clean_gin):
+    bind_tiny()
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    fn = array_dataset_fn(make_batches(n_batches=6))
+    result = training.train(
+        tmp_path, one, dataset_fn=fn, batch_size=8, max_steps=3, eval_every_steps=1,
+        raw_eval_every=3, progress=False,
+    )  # fmt: skip
+    evaluations = result["evaluations"]
+    assert [e["step"] for e in evaluations] == [1, 2, 3]
+    assert all("test_bits_per_dim_ema" in e for e in evaluations)
+    assert ["test_bits_per_dim_raw" in e for e in evaluations] == [False, False, True]
+    assert result["test_bits_per_dim_raw"] == evaluations[-1]["test_bits_per_dim_raw"]

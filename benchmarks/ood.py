@@ -1,0 +1,176 @@
+"""Out-of-distribution detection on the embedded MNIST subset, end to end.
+
+    python benchmarks/ood.py [--minutes 8] [--out benchmarks/results/ood]
+
+Trains a model and its background model (the same config with train.mutation_rate and
+train.l2_weight, Ren et al. 2019) on the 4,500 training digits, each as a
+`pixelcnn single` command with a time budget, then scores the 500 test digits against
+OOD sets built here, offline: constant images, uniform noise, inverted test digits,
+and two sets of glyphs rendered with Pillow's built-in font (letters; punctuation and
+symbols). Every score (negative log-likelihood, likelihood ratio, input complexity
+with PNG) on every set: AUROC, AUPRC, FPR at 95% TPR; the typicality test over
+batches of M = 1, 5, 10; and the seconds each score takes against `evaluate`'s
+log-likelihoods. The score chosen before looking at the sets: the likelihood ratio.
+Writes ood.json and ood.md into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CHOSEN = "likelihood_ratio"  # the one score for every set, chosen before looking
+MODEL = [
+    "train.dataset_fn = @embedded_mnist",
+    "train.batch_size = 32",
+    "train.learning_rate = 2e-3",
+    "train.learning_rate_decay = 0.99995",
+    "train.max_epoch = 1000",
+    "train.images_to_log = 0",
+    "train.chkpt_to_keep = 1",
+    "train.precision = 'auto'",
+    "PixelCNNPP.image_shape = (28, 28, 1)",
+    "PixelCNNPP.residual_blocks = 3",
+    "PixelCNNPP.residual_layers_per_block = 1",
+    "PixelCNNPP.filters = 32",
+    "PixelCNNPP.num_mixtures = 5",
+    "PixelCNNPP.dropout_rate = 0.0",
+]
+BACKGROUND = ["train.mutation_rate = 0.2", "train.l2_weight = 1e-4"]
+
+
+def train(run_dir: Path, bindings: list[str], minutes: float) -> float:
+    """One `pixelcnn single` run of the model config; its wall time in seconds."""
+    command = [sys.executable, str(ROOT / "main.py")]
+    for b in [*MODEL, *bindings, f"train.max_minutes = {minutes}"]:
+        command += ["--binding", b]
+    command += ["--log-dir", str(run_dir), "single"]
+    began = time.time()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return time.time() - began
+
+
+def glyphs(characters: str, count: int, seed: int) -> np.ndarray:
+    """``count`` 28x28 images of single characters drawn white on black in Pillow's
+    built-in font at random sizes and offsets: uint8 [count, 28, 28, 1]."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    rng = np.random.default_rng(seed)
+    out = np.zeros((count, 28, 28, 1), np.uint8)
+    for k in range(count):
+        font = ImageFont.load_default(size=int(rng.integers(16, 25)))
+        canvas = Image.new("L", (28, 28), 0)
+        draw = ImageDraw.Draw(canvas)
+        char = characters[rng.integers(len(characters))]
+        left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
+        x = (28 - (right - left)) // 2 - left + int(rng.integers(-2, 3))
+        y = (28 - (bottom - top)) // 2 - top + int(rng.integers(-2, 3))
+        draw.text((x, y), char, fill=255, font=font)
+        out[k, ..., 0] = np.asarray(canvas)
+    return out
+
+
+def ood_sets(test: np.ndarray) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    levels = np.linspace(0, 255, 100).round().astype(np.uint8)
+    return {
+        "constant": np.broadcast_to(levels[:, None, None, None], (100, 28, 28, 1)).copy(),
+        "uniform noise": rng.integers(0, 256, (100, 28, 28, 1), np.uint8),
+        "inverted digits": 255 - test,
+        "letters": glyphs(string.ascii_letters, 500, seed=1),
+        "symbols": glyphs("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~", 500, seed=2),
+    }
+
+
+def typicality(scorer, ood, train_images, test, sets) -> list[dict]:
+    """Fraction of batches flagged, for M = 1, 5, 10: the fit uses the training digits'
+    mean NLL and half of the test digits; the other half gives the false positives."""
+    bits = {name: scorer.scores(x, ["nll"])["nll"] for name, x in sets.items()}
+    held, fresh = (
+        scorer.scores(test, ["nll"])["nll"][::2],
+        scorer.scores(test, ["nll"])["nll"][1::2],
+    )
+    train_nll = scorer.scores(train_images, ["nll"])["nll"]
+    rows = []
+    for m in (1, 5, 10):
+        test_ = ood.TypicalityTest(m, fpr=0.05).fit(train_nll, held)
+        row = {"M": m, "in-distribution (false positives)": float(test_.predict(fresh).mean())}
+        row |= {name: float(test_.predict(v).mean()) for name, v in bits.items()}
+        rows.append(row)
+    return rows
+
+
+def timing(scorer, scoring, test) -> dict:
+    """Seconds to score the test digits: evaluate's log-likelihoods, and each score."""
+    model = scorer.model
+
+    def seconds(fn):
+        fn()  # compiled and warm
+        began = time.perf_counter()
+        fn()
+        return time.perf_counter() - began
+
+    return {
+        "evaluate (log p)": seconds(
+            lambda: scoring.score(model, scoring.array_batches(test, None))
+        ),
+        "nll": seconds(lambda: scorer.scores(test, ["nll"])),
+        "likelihood_ratio": seconds(lambda: scorer.scores(test, ["likelihood_ratio"])),
+        "complexity (png)": seconds(lambda: scorer.scores(test, ["complexity"])),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=8.0, help="training budget, each model")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ood")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ood")
+    args = parser.parse_args()
+    began = time.time()
+    seconds = {
+        "model": train(args.runs / "model", [], args.minutes),
+        "background": train(args.runs / "background", BACKGROUND, args.minutes),
+    }
+    from pixelcnn import data, load_for_inference, ood, scoring
+
+    model, _ = load_for_inference(args.runs / "model")
+    background, _ = load_for_inference(args.runs / "background")
+    train_images, labels = data.load_embedded_mnist()
+    train_idx, test_idx = data.split_indices(labels, 500, 0)  # embedded_mnist's split
+    test = train_images[test_idx]
+    sets = ood_sets(test)
+    scorer = ood.Scorer(model, background, "png", batch_size=256)  # as evaluate batches
+    scores, rows = ood.compare(scorer, test, sets)
+    result = {
+        "command": " ".join(["python benchmarks/ood.py", *sys.argv[1:]]),
+        "chosen_score": CHOSEN,
+        "training_seconds": seconds,
+        "test_bits_per_dim": {
+            run: json.loads((args.runs / run / "metrics.json").read_text())["test_bits_per_dim"]
+            for run in ("model", "background")
+        },
+        "metrics": rows,
+        "typicality": typicality(scorer, ood, train_images[train_idx][:1000], test, sets),
+        "scoring_seconds": timing(scorer, scoring, test),
+    }
+    result["wall_seconds"] = time.time() - began
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ood.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "ood.md").write_text(ood.markdown(rows))
+    from pixelcnn import files
+
+    files.save_png(ood.roc_image(scores), args.out / "roc.png")
+    print(ood.markdown(rows))
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
