@@ -2,6 +2,7 @@
 gin bindings, and local multi-worker clusters. Imported by test files (``from helpers
 import ...``) and by the worker scripts they start."""
 
+import functools
 import json
 import os
 import socket
@@ -24,6 +25,31 @@ TINY = dict(
     num_mixtures=2,
     dropout_rate=0.0,
 )
+
+
+@functools.cache
+def initialized_model(shape, bits=8, classes=None, seed=0):
+    """A tiny model after data-dependent init on random images (random weights, realistic
+    scales), one per argument set and process."""
+    import keras
+
+    from pixelcnn.likelihood import to_unit_range
+
+    keras.utils.set_random_seed(seed)
+    m = PixelCNNPP(
+        image_shape=shape,
+        residual_blocks=2,
+        residual_layers_per_block=1,
+        filters=8,
+        num_mixtures=3,
+        dropout_rate=0.0,
+        num_classes=classes,
+        num_bits=bits,
+    )
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 2**bits, (8, *shape))
+    m.initialize(to_unit_range(images, bits), rng.integers(0, classes, 8) if classes else None)
+    return m
 
 
 def tiny_model(dtype=None):

@@ -1,38 +1,20 @@
 """Lossless compression: exact round trips, coded length against the likelihood, and
 every kind of bad file as one clear error."""
 
-import functools
 import hashlib
 import struct
 
-import keras
 import numpy as np
 import pytest
+from helpers import initialized_model
 
-from pixelcnn import PixelCNNPP, codec, sampling
-from pixelcnn.likelihood import to_unit_range
+from pixelcnn import codec, sampling
 
 BATCH = 4  # coding batch in these tests; the image counts below are not multiples of it
 
 
-@functools.cache
 def model(shape, bits, classes=None, seed=0):
-    """A tiny model after data-dependent init (random weights, realistic scales)."""
-    keras.utils.set_random_seed(seed)
-    m = PixelCNNPP(
-        image_shape=shape,
-        residual_blocks=2,
-        residual_layers_per_block=1,
-        filters=8,
-        num_mixtures=3,
-        dropout_rate=0.0,
-        num_classes=classes,
-        num_bits=bits,
-    )
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 2**bits, (8, *shape))
-    m.initialize(to_unit_range(images, bits), rng.integers(0, classes, 8) if classes else None)
-    return m
+    return initialized_model(shape, bits, classes, seed)
 
 
 def data(m, n, seed=1):

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from helpers import initialized_model
 from PIL import Image
 from scipy import special, stats
 
@@ -19,23 +20,8 @@ from pixelcnn.likelihood import to_integers, to_unit_range
 SHAPE = (6, 5, 1)
 
 
-@functools.cache
 def model(classes=None, seed=0, shape=SHAPE):
-    """A tiny model after data-dependent init (random weights, realistic scales)."""
-    keras.utils.set_random_seed(seed)
-    m = PixelCNNPP(
-        shape,
-        residual_blocks=2,
-        residual_layers_per_block=1,
-        filters=8,
-        num_mixtures=3,
-        dropout_rate=0.0,
-        num_classes=classes,
-    )
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (8, *shape))
-    m.initialize(to_unit_range(x, 8), rng.integers(0, classes, 8) if classes else None)
-    return m
+    return initialized_model(shape, 8, classes, seed)
 
 
 def images(n, seed=1):
