@@ -134,8 +134,27 @@ def write(path: str, content) -> None:
     checked(files.write_atomic, path, content)
 
 
+class Existing(click.ParamType):
+    """A path that must exist, a file or a folder, checked through tf.io.gfile: local
+    paths and the URLs TensorFlow's filesystems read (gs://, s3://, hdfs://, ram://)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.name = kind, f"existing {kind}"
+
+    def convert(self, value, param, ctx):
+        import tensorflow as tf
+
+        path = os.path.expanduser(os.fspath(value))
+        if not tf.io.gfile.exists(path):
+            self.fail(f"{path} does not exist", param, ctx)
+        if tf.io.gfile.isdir(path) != (self.kind == "folder"):
+            self.fail(f"{path} is not a {self.kind}", param, ctx)
+        return path
+
+
 FILE = click.Path(dir_okay=False)
-EXISTING_FILE = click.Path(exists=True, dir_okay=False)
+EXISTING_FILE = Existing("file")
+EXISTING_FOLDER = Existing("folder")
 CHECKPOINT = click.option(
     "--checkpoint", default=None, help="A checkpoint prefix (default: the newest that reads)."
 )
@@ -146,9 +165,7 @@ SPLIT = click.option(
     "--split", type=click.Choice(["test", "train"]), default="test", show_default=True
 )
 NPZ = click.option("--npz", type=EXISTING_FILE, help="Images (and labels) of a .npz file.")
-FOLDER = click.option(
-    "--folder", type=click.Path(exists=True, file_okay=False), help="A folder of images."
-)
+FOLDER = click.option("--folder", type=EXISTING_FOLDER, help="A folder of images.")
 DEVICES = click.option(
     "--devices",
     type=click.Choice(["auto", "single", "all"]),

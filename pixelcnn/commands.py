@@ -13,6 +13,7 @@ from pixelcnn.cli import (
     CHECKPOINT,
     DEVICES,
     EXISTING_FILE,
+    EXISTING_FOLDER,
     FILE,
     FOLDER,
     NPZ,
@@ -299,7 +300,7 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
 )
 @click.option(
     "--background",
-    type=click.Path(exists=True, file_okay=False),
+    type=EXISTING_FOLDER,
     help="The background model's run directory: adds the likelihood ratio.",
 )
 @click.option(

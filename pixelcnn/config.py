@@ -23,6 +23,23 @@ def _import_configurables() -> None:
     import pixelcnn.train  # noqa: F401
 
 
+def _gfile_open(path: str):
+    import tensorflow as tf
+
+    return tf.io.gfile.GFile(path)
+
+
+def _gfile_exists(path: str) -> bool:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+
+
+# Config files at the URLs TensorFlow's filesystems read (a run directory in a gs://
+# bucket holds its config.gin); gin tries its own reader of local files first.
+gin.config.register_file_reader(_gfile_open, _gfile_exists)
+
+
 def parse(configs, bindings) -> None:
     """Parses config files then bindings strictly: unknown names are errors.
 
@@ -34,7 +51,7 @@ def parse(configs, bindings) -> None:
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     for path in configs:
-        if not os.path.isfile(path):
+        if not (os.path.isfile(path) or ("://" in path and _gfile_exists(path))):
             raise FileNotFoundError(f"config file {path} does not exist")
     try:
         gin.parse_config_files_and_bindings(list(configs), list(bindings))

@@ -31,6 +31,16 @@ Datasets = tuple[tf.data.Dataset, tf.data.Dataset]  # (train, test)
 
 
 # --------------------------------------------------------------------- helpers
+# Data paths go through tf.io.gfile: local files and the URLs TensorFlow's filesystems
+# read (gs://, s3://, hdfs://, ram://).
+def _is_file(path: str) -> bool:
+    return tf.io.gfile.exists(path) and not tf.io.gfile.isdir(path)
+
+
+def _open(path: str):
+    return tf.io.gfile.GFile(path, "rb")
+
+
 def split_indices(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic stratified split of range(N) into (train [N - n], test [n]) indices.
 
@@ -228,14 +238,14 @@ def mnist(
     """
     if path is not None:
         path = os.path.expanduser(str(path))
-        if os.path.isdir(path):
+        if tf.io.gfile.isdir(path):
             path = os.path.join(path, "mnist.npz")
-        if not os.path.isfile(path):
+        if not _is_file(path):
             raise FileNotFoundError(
                 f"mnist: {path} does not exist; mnist.path must be the mnist.npz file of "
                 "keras.datasets.mnist (keys x_train, y_train, x_test, y_test)"
             )
-        with np.load(path, allow_pickle=False) as data:
+        with _open(path) as f, np.load(f, allow_pickle=False) as data:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
             if missing:
                 raise ValueError(
@@ -274,7 +284,7 @@ def load_cifar_batch(file: str) -> tuple[np.ndarray, np.ndarray]:
     Rows of b'data' are [3072] = R plane, G plane, B plane of 32x32 each (CHW order).
     The files are pickles: load only copies you trust.
     """
-    with open(file, "rb") as f:
+    with _open(file) as f:
         batch = pickle.load(f, encoding="bytes")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     data = np.asarray(batch["data"], np.uint8)
@@ -302,9 +312,9 @@ def cifar10(batch_size: int, path: str | None = None, seed: int = 0) -> Datasets
     names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
     if path is not None:
         folder = os.path.expanduser(str(path))
-        if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
+        if tf.io.gfile.isdir(os.path.join(folder, "cifar-10-batches-py")):
             folder = os.path.join(folder, "cifar-10-batches-py")
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+        missing = [n for n in names if not _is_file(os.path.join(folder, n))]
         if missing:
             raise FileNotFoundError(
                 f"cifar10: {folder} lacks {missing}; cifar10.path must be the extracted "
@@ -372,7 +382,7 @@ def image_folder(
 def npz_has_labels(path: str, labels_key: str = "labels") -> bool:
     """Whether the .npz at ``path`` holds ``labels_key`` (``load_npz`` gives zeros
     otherwise)."""
-    with np.load(os.path.expanduser(str(path)), allow_pickle=False) as data:
+    with _open(os.path.expanduser(str(path))) as f, np.load(f, allow_pickle=False) as data:
         return labels_key in data.files
 
 
@@ -382,14 +392,15 @@ def load_npz(
     """``npz``'s images and labels as arrays, in the file's order: (images [N, H, W, C],
     labels int32 [N], all 0 when the file has none)."""
     file = os.path.expanduser(str(path))
-    if not os.path.isfile(file):
+    if not _is_file(file):
         raise FileNotFoundError(f"npz: {file} does not exist")
-    if not zipfile.is_zipfile(file):  # np.load would call it "pickled data"
-        raise ValueError(
-            f"npz: {file} is not an .npz file (the zip archive numpy.savez writes, with the "
-            "integer images under 'images')"
-        )
-    with np.load(file, allow_pickle=False) as data:
+    with _open(file) as f:
+        if not zipfile.is_zipfile(f):  # np.load would call it "pickled data"
+            raise ValueError(
+                f"npz: {file} is not an .npz file (the zip archive numpy.savez writes, with "
+                "the integer images under 'images')"
+            )
+    with _open(file) as f, np.load(f, allow_pickle=False) as data:
         if images_key not in data:
             raise ValueError(
                 f"npz: {file} has no key {images_key!r} (keys: {sorted(data.files)}); bind "
@@ -445,4 +456,125 @@ def npz(
         (images[test_idx], labels[test_idx]),
         batch_size,
         seed,
+    )
+
+
+def box_downsample(images: tf.Tensor, factor: int) -> tf.Tensor:
+    """Integer images [..., H, W, C] -> [..., H / factor, W / factor, C]: the mean of each
+    factor x factor block, rounded half up to an integer level (no interpolation, the
+    levels stay on the grid). H and W must be multiples of factor."""
+    if factor == 1:
+        return images
+    dtype, area = images.dtype, factor * factor
+    x = tf.cast(images, tf.int64)
+    shape = tf.shape(x)
+    h, w, c = shape[-3], shape[-2], shape[-1]
+    blocks = tf.reshape(
+        x, tf.concat([shape[:-3], [h // factor, factor, w // factor, factor, c]], 0)
+    )
+    sums = tf.reduce_sum(blocks, axis=[-4, -2])
+    return tf.cast((sums + area // 2) // area, dtype)
+
+
+def _tfds_split(builder, split: str, info: dict, seed: int, shuffle: bool) -> tf.data.Dataset:
+    """One split of a TFDS builder as unbatched (image, label) pairs, cropped or padded
+    and box-averaged as ``info`` says: {"image_key", "label_key", "crop_or_pad_to",
+    "downsample"}."""
+    import tensorflow_datasets
+
+    read = tensorflow_datasets.ReadConfig(shuffle_seed=seed)
+    ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read)
+    size, factor, image_key, label_key = (
+        info["crop_or_pad_to"], info["downsample"], info["image_key"], info["label_key"]
+    )  # fmt: skip
+
+    def convert(example):
+        image = example[image_key]
+        if size is not None:  # centred: tf.image's crop where larger, zero pad where smaller
+            image = tf.image.resize_with_crop_or_pad(image, *size)
+        image = box_downsample(image, factor)
+        label = (
+            tf.zeros([], tf.int32) if label_key is None else tf.cast(example[label_key], tf.int32)
+        )
+        return image, label
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@gin.configurable
+def tfds(
+    batch_size: int,
+    name: str = gin.REQUIRED,
+    train_split: str = "train",
+    test_split: str = "test",
+    image_key: str = "image",
+    label_key: str | None = "label",
+    data_dir: str | None = None,
+    crop_or_pad_to=None,
+    downsample: int = 1,
+    shuffle_buffer: int = 10_000,
+    download: bool = True,
+    seed: int = 0,
+) -> Datasets:
+    """A TensorFlow Datasets dataset (``pip install -e ".[tfds]"``), e.g. ``mnist``,
+    ``cifar10``, ``svhn_cropped``, ``celeb_a``, ``downsampled_imagenet/32x32``.
+
+    Args:
+      batch_size: global batch size.
+      name: the TFDS name, with its config and version if wanted ("name/config:1.2.0").
+      train_split, test_split: TFDS split strings ("train", "validation", "train[:90%]").
+      image_key: the image feature; label_key: the class feature (int), or None (all
+        labels 0, e.g. for datasets without classes).
+      data_dir: where TFDS keeps its data (any tf.io.gfile path, gs:// included); None:
+        TFDS's default (~/tensorflow_datasets, or $TFDS_DATA_DIR).
+      crop_or_pad_to: None or (H, W): every image centre-cropped where larger and
+        zero-padded where smaller (needed when the images' sizes vary).
+      downsample: an integer factor: the mean of each factor x factor block, rounded to an
+        integer level (``box_downsample``), after the crop; never a bilinear resize.
+      shuffle_buffer: images in the train split's shuffle buffer (seeded, reshuffled
+        every epoch; the files are shuffled too).
+      download: let TFDS download and prepare the data if it is not in ``data_dir``.
+      seed: seed of the train shuffling.
+    Returns:
+      (train, test) datasets of (images [B, H, W, C] in the feature's integer dtype,
+      labels int32 [B]).
+    """
+    import tensorflow_datasets  # an optional dependency: the `tfds` extra
+
+    batch_size = checks.check_positive_int(batch_size, "batch_size")
+    factor = checks.check_positive_int(downsample, "tfds.downsample")
+    if name is gin.REQUIRED or not name:
+        raise ValueError("bind tfds.name, e.g. `tfds.name = 'downsampled_imagenet/32x32'`")
+    builder = tensorflow_datasets.builder(name, data_dir=data_dir)
+    if download:
+        builder.download_and_prepare()
+    features = builder.info.features
+    for key, binding in ((image_key, "image_key"), (label_key, "label_key")):
+        if key is not None and key not in features:
+            raise ValueError(
+                f"tfds: {name} has no feature {key!r} (features: {sorted(features)}); bind "
+                f"tfds.{binding}" + (" = None" if binding == "label_key" else "")
+            )
+    h, w, c = features[image_key].shape
+    if crop_or_pad_to is not None:
+        h, w = (checks.check_positive_int(s, "tfds.crop_or_pad_to") for s in crop_or_pad_to)
+    elif h is None or w is None:
+        raise ValueError(
+            f"tfds: the images of {name} vary in size ({features[image_key].shape}); bind "
+            "tfds.crop_or_pad_to = (H, W) to crop or pad them to one size"
+        )
+    if h % factor or w % factor:
+        raise ValueError(
+            f"tfds: images of {h}x{w} cannot be box-averaged by tfds.downsample = {factor}: "
+            "crop or pad them to a multiple of it (tfds.crop_or_pad_to)"
+        )
+    info = dict(image_key=image_key, label_key=label_key, downsample=factor,
+                crop_or_pad_to=None if crop_or_pad_to is None else (h, w))  # fmt: skip
+    train = _tfds_split(builder, train_split, info, seed, shuffle=True)
+    train = train.shuffle(checks.check_positive_int(shuffle_buffer, "tfds.shuffle_buffer"),
+                          seed=seed, reshuffle_each_iteration=True)  # fmt: skip
+    test = _tfds_split(builder, test_split, info, seed, shuffle=False)
+    return tuple(
+        ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
+        for ds in (train, test)
     )

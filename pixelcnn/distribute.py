@@ -94,14 +94,15 @@ def choose_precision(
 ) -> tuple[str, str]:
     """train.precision = "auto": (precision, why) for this hardware. bfloat16 where it is
     computed natively (GPUs of compute capability 8.0 or more, CPUs with AMX or
-    AVX512-BF16), float32 elsewhere and where the CPU's flags cannot be read."""
+    AVX512-BF16), float16 on GPUs of compute capability 7.x (tensor cores without
+    bfloat16), float32 elsewhere and where the CPU's flags cannot be read."""
     if capabilities:
-        if min(capabilities) >= (8, 0):
-            return "bfloat16", f"GPUs of compute capability {min(capabilities)} compute bfloat16"
-        return (
-            "float32",
-            f"a GPU of compute capability {min(capabilities)} (< 8.0) lacks fast bfloat16",
-        )
+        lowest = min(capabilities)
+        if lowest >= (8, 0):
+            return "bfloat16", f"GPUs of compute capability {lowest} compute bfloat16"
+        if lowest >= (7, 0):
+            return "float16", f"GPUs of compute capability {lowest} have float16 tensor cores only"
+        return "float32", f"a GPU of compute capability {lowest} (< 7.0) lacks fast half precision"
     if flags is None:
         return "float32", "the CPU's flags cannot be read"
     native = sorted(set(BF16_CPU_FLAGS) & flags)

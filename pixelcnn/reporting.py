@@ -72,6 +72,17 @@ class Report:
         self.train_bits_per_dim = None
         self.evaluations, self.samples = [], []
         self.pass_seconds = {}  # how long the last pass of each weights took
+        self.skipped_steps = 0  # float16 steps whose gradient overflowed
+
+    def skipped_step(self, step: int) -> None:
+        """A step skipped for an overflowing float16 gradient, and the lowered scale."""
+        self.skipped_steps += 1
+        self.summaries.scalars(
+            "train",
+            step,
+            skipped_steps=self.skipped_steps,
+            loss_scale=float(self.trainer.loss_scale),
+        )
 
     def train_step(self, step: int, nll: float, count: int, seconds: float) -> None:
         """One training step's loss (nats per image) and speed, to TensorBoard."""
@@ -161,6 +172,7 @@ class Report:
             "train_bits_per_dim": self.train_bits_per_dim,
             "test_bits_per_dim": last.get("test_bits_per_dim_ema"),
             "test_bits_per_dim_raw": last.get("test_bits_per_dim_raw"),
+            "skipped_steps": self.skipped_steps,
             "evaluations": self.evaluations,
             "samples": self.samples,
             "stopped": stopped,

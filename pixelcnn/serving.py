@@ -27,11 +27,10 @@ import json
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import tensorflow as tf
 
-from pixelcnn import checkpoints, checks, likelihood, sampling
+from pixelcnn import checkpoints, checks, files, likelihood, sampling
 from pixelcnn.model import PixelCNNPP
 
 __all__ = ["export"]
@@ -186,7 +185,7 @@ def export(
     checkpoint: str | None = None,
     use_ema: bool = True,
     sample_batch_size: int = sampling.BATCH_SIZE,
-) -> Path:
+) -> str:
     """Writes the SavedModel export of a run (or of a built model) to ``out_dir``.
 
     Args:
@@ -197,8 +196,9 @@ def export(
     Returns:
       the SavedModel's path, out_dir/1.
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    out_dir = os.path.expanduser(os.fspath(out_dir))
+    gfile = tf.io.gfile
+    if gfile.exists(out_dir) and (not gfile.isdir(out_dir) or gfile.listdir(out_dir)):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder: pick a new one")
     batch = checks.check_positive_int(sample_batch_size, "sample_batch_size")
     metrics = None
@@ -207,20 +207,29 @@ def export(
         if not model.built:
             raise ValueError("the model has no weights yet: train or load it first")
     else:
-        run_dir = Path(source)
+        run_dir = os.fspath(source)
         model, ckpt = checkpoints.load_for_inference(run_dir, checkpoint, use_ema)
         where = f"{run_dir} ({'EMA' if use_ema else 'raw'} weights)"
-        if (run_dir / "metrics.json").exists():
-            metrics = json.loads((run_dir / "metrics.json").read_text())
+        if gfile.exists(os.path.join(run_dir, "metrics.json")):
+            with gfile.GFile(os.path.join(run_dir, "metrics.json")) as f:
+                metrics = json.load(f)
     serving = _Serving(model, batch)
-    # Written into a fresh folder beside out_dir, then renamed: a failed export leaves
-    # neither a half-written out_dir nor the temporary folder.
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # A local export is written into a fresh folder beside out_dir, then renamed: a
+    # failed export leaves neither a half-written out_dir nor the temporary folder.
+    # Object stores (gs://) have no rename of folders: there it is written in place,
+    # README.txt last, so a folder without README.txt is an export that did not finish.
+    local = "://" not in out_dir
+    if local:
+        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+        tmp = tempfile.mkdtemp(
+            prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(os.path.abspath(out_dir))
+        )
+    else:
+        tmp = out_dir
     try:
         tf.saved_model.save(
             serving,
-            str(tmp / "1"),
+            os.path.join(tmp, "1"),
             signatures={
                 "log_prob": serving.log_prob.get_concrete_function(),
                 "params": serving.params.get_concrete_function(),
@@ -228,11 +237,14 @@ def export(
             },
         )
         summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
-        (tmp / "model.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (tmp / "README.txt").write_text(_readme(model, where, str(ckpt), metrics, batch))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(tmp, out_dir)
+        files.write_atomic(os.path.join(tmp, "model.json"), json.dumps(summary, indent=2) + "\n")
+        readme = _readme(model, where, str(ckpt), metrics, batch)
+        files.write_atomic(os.path.join(tmp, "README.txt"), readme)
+        if local:
+            if os.path.exists(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.replace(tmp, out_dir)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / "1"
+        if local:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(out_dir, "1")

@@ -13,7 +13,9 @@ The bindings of ``train``:
   batch_size: global, over all replicas; init_batch_size: images of the data-dependent
     init (once, never on resume).
   learning_rate, learning_rate_decay (a factor every step), beta_1, beta_2: Adam, the
-    authors' defaults; ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
+    authors' defaults; warmup_steps: the rate ramped up linearly over the first steps;
+    clip_norm: the global norm each batch's gradient is clipped to (None: not clipped);
+    ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
   max_epoch, max_steps, max_minutes: where to stop; the time budget includes the final
     evaluation and checkpoint, counted from ``started`` (a ``time.time()``: the CLI
     passes its process's start) or else from the call.
@@ -23,8 +25,11 @@ The bindings of ``train``:
     weights are scored at every that-many-th evaluation and the last (the EMA weights at
     every one).
   images_to_log every log_images_every epochs: sample grids (0: none).
-  precision: "float32", "bfloat16" (mixed: weights, EMA, optimizer state and the
-    likelihood stay float32) or "auto" (``distribute.choose_precision``).
+  precision: "float32", "bfloat16" or "float16" (mixed: weights, EMA, optimizer state
+    and the likelihood stay float32; float16 scales the loss dynamically and skips a
+    step whose gradient overflows, counted in TensorBoard as train/skipped_steps) or
+    "auto" (``distribute.choose_precision``). Evaluations are float32 whatever it is.
+  jit_compile: the model's passes in the training and evaluation steps compiled by XLA.
   seed: initial weights, dropout masks, data perturbation and samples.
   mutation_rate, l2_weight: a likelihood ratio's background model (``data.mutate``,
     ``trainer.Trainer``); 0 for an ordinary model.
@@ -59,6 +64,8 @@ def train(
     beta_1: float = 0.95,
     beta_2: float = 0.9995,
     ema_decay: float = 0.9995,
+    warmup_steps: int = 0,
+    clip_norm: float | None = None,
     max_epoch: int = 100,
     max_steps: int | None = None,
     max_minutes: float | None = None,
@@ -70,6 +77,7 @@ def train(
     log_images_every: int = 1,
     init_batch_size: int = 16,
     precision: str = "float32",
+    jit_compile: bool = False,
     seed: int = 0,
     mutation_rate: float = 0.0,
     l2_weight: float = 0.0,
@@ -84,9 +92,19 @@ def train(
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
+    checks.check_positive_int(log_images_every, "train.log_images_every")
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
+    options = dict(
+        seed=seed,
+        l2_weight=l2_weight,
+        warmup_steps=checks.check_int(warmup_steps, "train.warmup_steps", minimum=0),
+        clip_norm=clip_norm,
+        jit_compile=bool(jit_compile),
+    )
     trainer, train_ds, test_ds, init = _build(
-        strategy, dataset_fn, batch_size, optimizer, precision, seed, l2_weight
+        strategy, dataset_fn, batch_size, optimizer, precision, options
     )
     loop = _Loop(trainer, os.fspath(run_dir), test_ds, (start, max_minutes), batch_size, progress)
     loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
@@ -98,16 +116,16 @@ def train(
     return loop.finish(stopped, max_minutes)
 
 
-def _build(strategy, dataset_fn, batch_size, optimizer, precision, seed, l2_weight):
+def _build(strategy, dataset_fn, batch_size, optimizer, precision, options):
     """The Trainer for the data's image shape (the precision resolved for the hardware)
     and the checked, converted datasets. Returns (trainer, train_ds, test_ds, (images,
-    labels or None) of the first batch)."""
+    labels or None) of the first batch). options: Trainer's keyword arguments."""
     precision = distribute.resolve_precision(precision)
-    keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(options["seed"])
     train_ds, test_ds = dataset_fn(batch_size)
     first = contract.first_batch(train_ds, "train")
     model_fn = functools.partial(PixelCNNPP, image_shape=_image_shape(first))
-    trainer = Trainer(strategy, model_fn, *optimizer, precision, seed, l2_weight)
+    trainer = Trainer(strategy, model_fn, *optimizer, precision, **options)
     model = trainer.model
     # Validate the data before any work: one clear error instead of a wasted run.
     contract.check_batch(first, model.image_shape, model.num_bits, model.num_classes, "train")
@@ -234,21 +252,26 @@ class _Loop:
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
         """One training step, its loss checked and reported; (seconds, now)."""
-        loss, count = self.trainer.train_step(batch)
+        loss, count, taken = self.trainer.train_step(batch)
         nll, count = float(loss), int(count)
         step = distribute.value(self.trainer.step)
-        if not math.isfinite(nll):
+        now = time.monotonic()
+        seconds = max(now - tick, 1e-9)
+        self.images += count
+        if not bool(taken):  # float16's overflow: the loss scale drops, training goes on
+            self.report.skipped_step(step)
+        elif not math.isfinite(nll):
             raise FloatingPointError(
                 f"the training loss became {nll} at step {step}; the last good checkpoint "
                 f"is kept in {self.saver.directory}. Lower train.learning_rate or check the "
                 "data."
             )
-        now = time.monotonic()
-        seconds = max(now - tick, 1e-9)
-        self.images += count
-        self.report.train_step(step, nll, count, seconds)
+        else:
+            self.report.train_step(step, nll, count, seconds)
         bar.update(count)
-        bar.set_postfix(bpd=f"{self.report.train_bits_per_dim:.3f}", img_s=f"{count / seconds:.1f}")
+        if self.report.train_bits_per_dim is not None:
+            bpd = self.report.train_bits_per_dim
+            bar.set_postfix(bpd=f"{bpd:.3f}", img_s=f"{count / seconds:.1f}")
         self.preemption.after_step()
         return seconds, now
 

@@ -9,7 +9,10 @@ import tensorflow as tf
 from pixelcnn import distribute, faults, likelihood
 from pixelcnn.model import PixelCNNPP
 
-PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
+# train.precision -> the Keras dtype policy of the training model. Mixed precisions keep
+# the weights, EMA, optimizer state, output layer and likelihood in float32; float16
+# adds dynamic loss scaling (``keras.optimizers.LossScaleOptimizer``).
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 WEIGHTS = ("ema", "raw")  # the two sets of weights every evaluation reports
 
 
@@ -24,6 +27,25 @@ def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
     for v in model.trainable_variables:
         if v.name in ("v", "kernel"):
             v.assign(rng.normal(v.shape, 0.0, 0.05, dtype=v.dtype))
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The rate of the step after ``step`` earlier ones: ``rate * decay**step`` (the
+    authors' per-step decay; the original TF2 code decayed per epoch by mistake), ramped
+    up linearly over the first ``warmup_steps`` steps ((step + 1) / warmup_steps)."""
+
+    def __init__(self, rate: float, decay: float, warmup_steps: int = 0):
+        self.rate, self.decay, self.warmup_steps = float(rate), float(decay), int(warmup_steps)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        rate = self.rate * tf.pow(self.decay, step)
+        if self.warmup_steps:
+            rate *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
+        return rate
+
+    def get_config(self) -> dict:
+        return {"rate": self.rate, "decay": self.decay, "warmup_steps": self.warmup_steps}
 
 
 def ema_decay_at(decay: float, updates) -> tf.Tensor:
@@ -55,40 +77,51 @@ class Trainer:
         precision: str,
         seed: int = 0,
         l2_weight: float = 0.0,
+        warmup_steps: int = 0,
+        clip_norm: float | None = None,
+        jit_compile: bool = False,
     ):
         """l2_weight: adds l2_weight * the squared norm of every effective (weight-
         normalised) kernel to the loss, i.e. the sum of every g squared (the background
-        model of a likelihood ratio, ``pixelcnn.ood``)."""
+        model of a likelihood ratio, ``pixelcnn.ood``). warmup_steps: the learning rate's
+        linear ramp (``LearningRate``). clip_norm: the global norm the gradient of the
+        whole batch is clipped to (None: not clipped). jit_compile: the model's forward
+        and backward passes (training) and forward pass (evaluation) compiled by XLA."""
         self.strategy = strategy
         self.ema_decay = ema_decay
         self.l2_weight = float(l2_weight)
         self.seed = int(seed)
         self.precision = precision
+        self.clip_norm = None if clip_norm is None else float(clip_norm)
+        self.jit_compile = bool(jit_compile)
         with strategy.scope():
             self.model = model_fn(dtype=PRECISIONS[precision])
             self.ema = model_fn(dtype="float32")
             # The raw weights are evaluated in float32 too (as `evaluate --raw-weights`
-            # does): a bfloat16 model gets a float32 copy, refreshed before each use.
+            # does): a mixed-precision model gets a float32 copy, refreshed before use.
             self.raw = self.model if precision == "float32" else model_fn(dtype="float32")
             for model in {id(m): m for m in (self.model, self.ema, self.raw)}.values():
                 model.build_variables()
             draw_initial_weights(self.model, seed)
-            # The authors multiply the rate by learning_rate_decay every step (the
-            # original TF2 code decayed it per epoch by mistake).
-            schedule = keras.optimizers.schedules.ExponentialDecay(
-                learning_rate, decay_steps=1, decay_rate=learning_rate_decay
-            )
-            self.optimizer = keras.optimizers.Adam(schedule, beta_1=beta_1, beta_2=beta_2)
+            self.schedule = LearningRate(learning_rate, learning_rate_decay, warmup_steps)
+            self.optimizer = keras.optimizers.Adam(self.schedule, beta_1=beta_1, beta_2=beta_2)
+            if precision == "float16":
+                self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
             self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self.step_in_epoch = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="step_in_epoch"
             )
-        self.schedule = schedule
         self.num_bits = self.model.num_bits
+        self._gradients = tf.function(self._gradients_of, jit_compile=True, autograph=False)
         self.train_step = distribute.compile_fn(self._train_step)
         self.eval_steps = self._compile_eval_steps()
         self._specs = {}
+
+    @property
+    def loss_scale(self) -> tf.Variable | None:
+        """float16's dynamic loss scale (checkpointed with the optimizer), else None."""
+        return getattr(self.optimizer, "dynamic_scale", None)
 
     def trace_for(self, train_spec=None, eval_spec=None) -> None:
         """Compiles the steps once for batches of these specs: the ``element_spec`` of
@@ -121,9 +154,23 @@ class Trainer:
             ):
                 e.assign(w)
 
+    def _gradients_of(self, images, labels, global_n, seed, num_replicas):
+        """(summed NLL of these images, gradient of the replica's share of the loss,
+        loss-scaled for float16): the model's passes, what ``jit_compile`` gives XLA."""
+        with tf.GradientTape() as tape:
+            params = self.model(images, labels, training=True, dropout_seed=seed)
+            nll = -likelihood.mixture_log_prob(images, params, self.num_bits, validate=False)
+            loss = tf.reduce_sum(nll) / tf.maximum(global_n, 1.0)
+            if self.l2_weight:  # summed over the replicas with the gradients
+                loss += self.l2_weight * self.l2_norm() / num_replicas
+            if self.loss_scale is not None:
+                loss = self.optimizer.scale_loss(loss)
+        return tf.reduce_sum(nll), tape.gradient(loss, self.model.trainable_variables)
+
     def _replica_train(self, batch):
         images, labels = batch["images"], batch.get("labels")
         ctx = tf.distribute.get_replica_context()
+        replicas = ctx.num_replicas_in_sync
         local_n = tf.cast(tf.shape(images)[0], tf.float32)
         # Mean over the images of the global batch, whatever its size (the last batch
         # of an epoch may be partial) and however it is split over replicas.
@@ -132,15 +179,23 @@ class Trainer:
         # a resumed run draws the masks of the uninterrupted one.
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.step, tf.int64)])
         seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
-        with tf.GradientTape() as tape:
-            params = self.model(images, labels, training=True, dropout_seed=seed)
-            nll = -likelihood.mixture_log_prob(images, params, self.num_bits, validate=False)
-            loss = tf.reduce_sum(nll) / tf.maximum(global_n, 1.0)
-            if self.l2_weight:  # summed over the replicas by apply_gradients
-                loss += self.l2_weight * self.l2_norm() / ctx.num_replicas_in_sync
-        grads = tape.gradient(loss, self.model.trainable_variables)
+        passes = self._gradients if self.jit_compile else self._gradients_of
+        nll_sum, grads = passes(images, labels, global_n, seed, float(replicas))
+        finite = tf.constant(True)
+        if self.clip_norm is not None or self.loss_scale is not None:
+            # Clipping and the overflow check need the whole batch's gradient, and Keras
+            # clips and checks each replica's share: sum it here (every replica then
+            # holds the same), and hand each replica 1/replicas of it, as the optimizer
+            # sums the replicas' gradients again.
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            if self.clip_norm is not None:
+                scale = 1.0 if self.loss_scale is None else self.loss_scale
+                grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * scale)
+            grads = [g / replicas for g in grads]
+        # float16: a step whose gradient overflowed is skipped and the scale halved.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
-        return tf.reduce_sum(nll), local_n
+        return nll_sum, local_n, finite
 
     def l2_norm(self) -> tf.Tensor:
         """The squared norm of every effective kernel of the training model: g v / |v|
@@ -150,17 +205,21 @@ class Trainer:
     def _train_step(self, batch):
         """One optimizer step on a distributed batch.
 
-        Returns (mean NLL per image in nats, number of images) of the global batch.
+        Returns (mean NLL per image in nats, number of images, whether the step was
+        taken) of the global batch: float16 skips a step whose gradient overflowed.
         """
-        nll_sum, n = self.strategy.run(self._replica_train, args=(batch,))
+        nll_sum, n, finite = self.strategy.run(self._replica_train, args=(batch,))
         nll_sum = self.strategy.reduce(tf.distribute.ReduceOp.SUM, nll_sum, axis=None)
         n = self.strategy.reduce(tf.distribute.ReduceOp.SUM, n, axis=None)
-        # Polyak averaging, in cross-replica context: every copy gets the same update.
+        taken = self.strategy.experimental_local_results(finite)[0]  # the same on all
+        # Polyak averaging, in cross-replica context: every copy gets the same update;
+        # none for a skipped step.
         d = ema_decay_at(self.ema_decay, self.step - 1)
+        rate = (1.0 - d) * tf.cast(taken, tf.float32)
         for e, w in zip(self.ema.trainable_variables, self.model.trainable_variables, strict=True):
-            e.assign_sub((1.0 - d) * (e - w))
+            e.assign_sub(rate * (e - w))
         self.step_in_epoch.assign_add(1)
-        return nll_sum / n, n
+        return nll_sum / n, n, taken
 
     def _compile_eval_steps(self, spec=None) -> dict:
         return {w: distribute.compile_fn(self._eval_step_for(w), spec) for w in WEIGHTS}
@@ -169,10 +228,15 @@ class Trainer:
         """The step that sums the NLL of a distributed batch under the EMA or raw model."""
         model = self.ema if weights == "ema" else self.raw
 
+        def nll_sum(images, labels):
+            return -tf.reduce_sum(model.unit_log_prob(images, labels))  # as `evaluate`
+
+        if self.jit_compile:
+            nll_sum = tf.function(nll_sum, jit_compile=True, autograph=False)
+
         def replica_eval(batch):
             images, labels = batch["images"], batch.get("labels")
-            nll = -model.unit_log_prob(images, labels)  # as evaluate and scoring compute it
-            return tf.reduce_sum(nll), tf.cast(tf.shape(images)[0], tf.float32)
+            return nll_sum(images, labels), tf.cast(tf.shape(images)[0], tf.float32)
 
         def eval_step(batch):
             nll_sum, n = self.strategy.run(replica_eval, args=(batch,))

@@ -61,7 +61,7 @@ def make_batches(n_batches=2, batch=8, seed=0):
     return rng.integers(0, 256, (n_batches * batch, *SHAPE)).astype(np.uint8)
 
 
-def make_trainer(strategy):
+def make_trainer(strategy, **options):
     return Trainer(
         strategy,
         tiny_model,
@@ -71,6 +71,7 @@ def make_trainer(strategy):
         beta_2=0.9995,
         ema_decay=0.9995,
         precision="float32",
+        **options,
     )
 
 

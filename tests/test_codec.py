@@ -25,6 +25,7 @@ def data(m, n, seed=1):
     return images, labels
 
 
+@pytest.mark.gpu  # also in benchmarks/gpu.py's run on a GPU
 @pytest.mark.parametrize(
     "shape, bits, classes",
     [

@@ -97,6 +97,7 @@ def labels_for(model, n=N):
 
 
 # ----------------------------------------------------------------------------- exactness
+@pytest.mark.gpu  # also in benchmarks/gpu.py's run on a GPU
 def test_fast_matches_naive(model):
     labels = labels_for(model)
     for seed in [(0, 0), (3, 7)]:

@@ -1,5 +1,6 @@
 """Training: strategies agree, resume, configs, clear errors, signals, summaries."""
 
+import contextlib
 import json
 import math
 import os
@@ -36,15 +37,19 @@ from pixelcnn.trainer import Trainer
 
 
 def test_mirrored_matches_one_device_and_partial_batches_are_means():
-    """2 full global batches then a partial one of 4 images (split over 2 replicas)."""
+    """2 full global batches then a partial one of 4 images (split over 2 replicas),
+    the gradient clipped by its global norm: the whole batch's, not each replica's."""
     images, weights = make_batches(n_batches=3)[:20], initial_weights()
+    clip = 1.0  # well below this model's gradient norms, so every step is clipped
     results = {}
     for name, strategy in [
         ("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
         ("mirrored", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])),
     ]:
-        trainer = make_trainer(strategy)
+        trainer = make_trainer(strategy, clip_norm=clip)
         set_weights(trainer, weights)
+        if name == "one":  # what the optimizer is given
+            norms = _record_gradient_norms(trainer)
         losses = run_steps(trainer, images[:16])
         # the loss of the partial batch is the mean NLL of its 4 images
         last = tf.constant(images[16:], tf.int32)
@@ -54,11 +59,38 @@ def test_mirrored_matches_one_device_and_partial_batches_are_means():
         results[name] = (losses, [v.numpy() for v in trainer.model.trainable_variables])
         # full and partial batches ran one graph, traced once
         assert trainer.train_step.experimental_get_tracing_count() == 1
+    assert norms == pytest.approx([clip] * 3, rel=1e-5)
     assert len(results["one"][0]) == 3
     np.testing.assert_allclose(results["one"][0], results["mirrored"][0], rtol=1e-5)
     assert results["one"][0][1] != results["one"][0][0]  # the step changed the weights
     for a, b in zip(results["one"][1], results["mirrored"][1], strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _record_gradient_norms(trainer) -> list:
+    """Wraps a one-device trainer's optimizer (before its step is traced) so that the
+    global norm of every gradient it applies is appended to the returned list."""
+    norms, apply = [], trainer.optimizer.apply_gradients
+
+    def recording(grads_and_vars):
+        grads_and_vars = list(grads_and_vars)
+        norm = tf.linalg.global_norm([g for g, _ in grads_and_vars])
+        tf.py_function(lambda n: norms.append(float(n)) or 0, [norm], tf.int32)
+        return apply(grads_and_vars)
+
+    trainer.optimizer.apply_gradients = recording
+    return norms
+
+
+def test_learning_rate_warms_up_then_decays():
+    from pixelcnn.trainer import LearningRate
+
+    steps = np.arange(0, 40)
+    expected = 2e-3 * 0.99**steps * np.minimum(1.0, (steps + 1) / 10)
+    got = [float(LearningRate(2e-3, 0.99, warmup_steps=10)(s)) for s in steps]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    plain = [float(LearningRate(2e-3, 0.99)(s)) for s in steps]
+    np.testing.assert_allclose(plain, 2e-3 * 0.99**steps, rtol=1e-5)
 
 
 def test_training_step_stays_finite_where_log_scales_are_large():
@@ -442,12 +474,24 @@ def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
         for name, value in overrides:
             gin.bind_parameter(name, value)
     one = tf.distribute.OneDeviceStrategy("/cpu:0")
-    result = training.train(tmp_path / "run", one, progress=False)
+    with contextlib.ExitStack() as stack:
+        if config.name == "imagenet32.gin":  # TFDS's generated stand-in, offline
+            stack.enter_context(mock_tfds(num_examples=16))
+        result = training.train(tmp_path / "run", one, progress=False)
     assert result["step"] == 1
     assert math.isfinite(result["test_bits_per_dim"])
     assert math.isfinite(result["test_bits_per_dim_raw"])
     shape = json.loads((tmp_path / "run" / "model.json").read_text())["image_shape"]
-    assert tuple(shape) == {"cifar10.gin": (32, 32, 3)}.get(config.name, (28, 28, 1))
+    rgb = ("cifar10.gin", "imagenet32.gin")
+    assert tuple(shape) == ((32, 32, 3) if config.name in rgb else (28, 28, 1))
+
+
+def mock_tfds(num_examples: int):
+    """TFDS's offline stand-in: random examples of each dataset's features."""
+    import tensorflow_datasets
+
+    testing = tensorflow_datasets.testing
+    return testing.mock_data(num_examples=num_examples, policy=testing.MockPolicy.USE_CODE)
 
 
 def test_misspelt_binding_names_the_binding(clean_gin):
@@ -482,3 +526,34 @@ def test_raw_weights_are_scored_every_nth_evaluation_and_at_the_end(tmp_path, cl
     assert all("test_bits_per_dim_ema" in e for e in evaluations)
     assert ["test_bits_per_dim_raw" in e for e in evaluations] == [False, False, True]
     assert result["test_bits_per_dim_raw"] == evaluations[-1]["test_bits_per_dim_raw"]
+
+
+def test_xla_steps_match_and_resume(tmp_path):
+    """train.jit_compile: the XLA-compiled training and evaluation steps compute what
+    the plain ones do, and an XLA trainer restored from a checkpoint continues exactly."""
+    images, weights = make_batches(n_batches=3), initial_weights()
+    one = tf.distribute.OneDeviceStrategy("/cpu:0")
+    plain, xla = make_trainer(one), make_trainer(one, jit_compile=True)
+    for trainer in (plain, xla):
+        set_weights(trainer, weights)
+    np.testing.assert_allclose(
+        run_steps(xla, images[:16]), run_steps(plain, images[:16]), rtol=1e-4
+    )
+    for a, b in zip(xla.model.trainable_variables, plain.model.trainable_variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-5)
+    test = tf.data.Dataset.from_tensor_slices(images[16:]).batch(8)
+    test = test.map(lambda x: {"images": tf.cast(x, tf.float32) * (2 / 255) - 1})
+    assert xla.evaluate(test, "ema") == pytest.approx(plain.evaluate(test, "ema"), rel=1e-4)
+    assert xla.eval_steps["ema"].experimental_get_tracing_count() == 1
+
+    def state(trainer):
+        return tf.train.Checkpoint(
+            model=trainer.model, ema=trainer.ema, optimizer=trainer.optimizer
+        )
+
+    path = state(xla).write(str(tmp_path / "ckpt"))
+    resumed = make_trainer(one, jit_compile=True)
+    state(resumed).read(path).assert_consumed()
+    assert run_steps(resumed, images[16:]) == run_steps(xla, images[16:])
+    for a, b in zip(resumed.model.trainable_variables, xla.model.trainable_variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
