@@ -41,12 +41,11 @@ import platform
 import struct
 import warnings
 import zlib
-from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import checks, generation, internals, likelihood
+from pixelcnn import checks, distribute, generation, internals, likelihood
 
 __all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
 
@@ -248,14 +247,7 @@ def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
 def device_description() -> str:
     """What the probabilities were computed on: the CPU model, and the GPUs' models
     when TensorFlow sees any (the network then runs on the first)."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = distribute.cpu_info("model name") or platform.processor() or platform.machine()
     gpus = [
         tf.config.experimental.get_device_details(g).get("device_name", g.name)
         for g in tf.config.list_physical_devices("GPU")

@@ -69,16 +69,23 @@ def inference_strategy(devices: str = "auto") -> tf.distribute.Strategy:
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU's feature flags from /proc/cpuinfo; None where they cannot be read."""
+def cpu_info(field: str) -> str | None:
+    """The first value of ``field`` in /proc/cpuinfo ("flags", "model name"); None where
+    it cannot be read (not Linux, no such field)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.split(":", 1)[0].strip() == field:
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags; None where they cannot be read."""
+    flags = cpu_info("flags")
+    return None if flags is None else set(flags.split())
 
 
 def gpu_capabilities() -> list[tuple[int, int]]:
