@@ -312,15 +312,17 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
 
 
 def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
-    """`train.max_minutes = 1` (the tiny config, an endless run): the command exits
-    within a minute of its start, TensorFlow's import, the final evaluation and the
-    checkpoint included, having trained past its first step."""
+    """`train.max_minutes = 1.5` (the tiny config, an endless run): the command exits
+    within 90 s of its start, TensorFlow's import, the final evaluation and the
+    checkpoint included, having trained past its first step. (With 1 minute, a slow
+    machine whose other test process ran a heavy test took 94 s: import, build and the
+    first step's trace alone came near the budget, and no estimate can save that.)"""
     import time
 
     run = tmp_path / "run"
     command = [
         sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
-        "--binding", "train.max_minutes = 1.0", "--binding", "train.max_steps = None",
+        "--binding", "train.max_minutes = 1.5", "--binding", "train.max_steps = None",
         "--binding", "train.max_epoch = 1000", "--binding", "train.images_to_log = 0",
         "--binding", "embedded_mnist.test_size = 16", "--log-dir", str(run), "single",
     ]  # fmt: skip
@@ -328,7 +330,7 @@ def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     elapsed = time.time() - began
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    assert elapsed < 60.0, elapsed
+    assert elapsed < 90.0, elapsed
     result = json.loads((run / "metrics.json").read_text())
     assert result["stopped"] == "max_minutes"
     # it trained past its first step (how far depends on the machine), and the final
