@@ -501,6 +501,32 @@ def _tfds_split(builder, split: str, info: dict, seed: int, shuffle: bool) -> tf
     return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def _tfds_size(features, name, image_key, label_key, crop_or_pad_to, factor) -> tuple[int, int]:
+    """The (H, W) ``tfds`` crops or pads to (or the dataset's fixed size); ValueError for
+    a missing feature, images of varying size without a crop, or a size the box average
+    cannot divide."""
+    for key, binding in ((image_key, "image_key"), (label_key, "label_key")):
+        if key is not None and key not in features:
+            raise ValueError(
+                f"tfds: {name} has no feature {key!r} (features: {sorted(features)}); bind "
+                f"tfds.{binding}" + (" = None" if binding == "label_key" else "")
+            )
+    h, w = features[image_key].shape[:2]
+    if crop_or_pad_to is not None:
+        h, w = (checks.check_positive_int(s, "tfds.crop_or_pad_to") for s in crop_or_pad_to)
+    elif h is None or w is None:
+        raise ValueError(
+            f"tfds: the images of {name} vary in size ({features[image_key].shape}); bind "
+            "tfds.crop_or_pad_to = (H, W) to crop or pad them to one size"
+        )
+    if h % factor or w % factor:
+        raise ValueError(
+            f"tfds: images of {h}x{w} cannot be box-averaged by tfds.downsample = {factor}: "
+            "crop or pad them to a multiple of it (tfds.crop_or_pad_to)"
+        )
+    return h, w
+
+
 @gin.configurable
 def tfds(
     batch_size: int,
@@ -546,30 +572,12 @@ def tfds(
     if name is gin.REQUIRED or not name:
         raise ValueError("bind tfds.name, e.g. `tfds.name = 'downsampled_imagenet/32x32'`")
     builder = tensorflow_datasets.builder(name, data_dir=data_dir)
+    # the features are known before any download: bad bindings fail before it
+    size = _tfds_size(builder.info.features, name, image_key, label_key, crop_or_pad_to, factor)
     if download:
         builder.download_and_prepare()
-    features = builder.info.features
-    for key, binding in ((image_key, "image_key"), (label_key, "label_key")):
-        if key is not None and key not in features:
-            raise ValueError(
-                f"tfds: {name} has no feature {key!r} (features: {sorted(features)}); bind "
-                f"tfds.{binding}" + (" = None" if binding == "label_key" else "")
-            )
-    h, w, c = features[image_key].shape
-    if crop_or_pad_to is not None:
-        h, w = (checks.check_positive_int(s, "tfds.crop_or_pad_to") for s in crop_or_pad_to)
-    elif h is None or w is None:
-        raise ValueError(
-            f"tfds: the images of {name} vary in size ({features[image_key].shape}); bind "
-            "tfds.crop_or_pad_to = (H, W) to crop or pad them to one size"
-        )
-    if h % factor or w % factor:
-        raise ValueError(
-            f"tfds: images of {h}x{w} cannot be box-averaged by tfds.downsample = {factor}: "
-            "crop or pad them to a multiple of it (tfds.crop_or_pad_to)"
-        )
     info = dict(image_key=image_key, label_key=label_key, downsample=factor,
-                crop_or_pad_to=None if crop_or_pad_to is None else (h, w))  # fmt: skip
+                crop_or_pad_to=None if crop_or_pad_to is None else size)  # fmt: skip
     train = _tfds_split(builder, train_split, info, seed, shuffle=True)
     train = train.shuffle(checks.check_positive_int(shuffle_buffer, "tfds.shuffle_buffer"),
                           seed=seed, reshuffle_each_iteration=True)  # fmt: skip

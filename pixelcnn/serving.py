@@ -179,6 +179,21 @@ N may be any batch size. Values out of range (pixels, labels) are errors.
 """
 
 
+def _write(serving: _Serving, folder: str, summary: dict, readme: str) -> None:
+    """The SavedModel (folder/1) with its three signatures, model.json, README.txt last."""
+    tf.saved_model.save(
+        serving,
+        os.path.join(folder, "1"),
+        signatures={
+            "log_prob": serving.log_prob.get_concrete_function(),
+            "params": serving.params.get_concrete_function(),
+            "sample": serving.sample.get_concrete_function(),
+        },
+    )
+    files.write_atomic(os.path.join(folder, "model.json"), json.dumps(summary, indent=2) + "\n")
+    files.write_atomic(os.path.join(folder, "README.txt"), readme)
+
+
 def export(
     source: str | os.PathLike | PixelCNNPP,
     out_dir: str | os.PathLike,
@@ -214,37 +229,23 @@ def export(
             with gfile.GFile(os.path.join(run_dir, "metrics.json")) as f:
                 metrics = json.load(f)
     serving = _Serving(model, batch)
+    summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
+    readme = _readme(model, where, str(ckpt), metrics, batch)
     # A local export is written into a fresh folder beside out_dir, then renamed: a
     # failed export leaves neither a half-written out_dir nor the temporary folder.
     # Object stores (gs://) have no rename of folders: there it is written in place,
     # README.txt last, so a folder without README.txt is an export that did not finish.
-    local = "://" not in out_dir
-    if local:
-        os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-        tmp = tempfile.mkdtemp(
-            prefix=f".{os.path.basename(out_dir)}.", dir=os.path.dirname(os.path.abspath(out_dir))
-        )
-    else:
-        tmp = out_dir
+    if "://" in out_dir:
+        _write(serving, out_dir, summary, readme)
+        return os.path.join(out_dir, "1")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
-        tf.saved_model.save(
-            serving,
-            os.path.join(tmp, "1"),
-            signatures={
-                "log_prob": serving.log_prob.get_concrete_function(),
-                "params": serving.params.get_concrete_function(),
-                "sample": serving.sample.get_concrete_function(),
-            },
-        )
-        summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
-        files.write_atomic(os.path.join(tmp, "model.json"), json.dumps(summary, indent=2) + "\n")
-        readme = _readme(model, where, str(ckpt), metrics, batch)
-        files.write_atomic(os.path.join(tmp, "README.txt"), readme)
-        if local:
-            if os.path.exists(out_dir):
-                os.rmdir(out_dir)  # empty (checked above)
-            os.replace(tmp, out_dir)
+        _write(serving, tmp, summary, readme)
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)  # empty (checked above)
+        os.replace(tmp, out_dir)
     finally:
-        if local:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return os.path.join(out_dir, "1")
