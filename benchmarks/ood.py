@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ood")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ood")
     args = parser.parse_args()
+    for run in ("model", "background"):
+        if (args.runs / run).exists():  # `single` would resume it instead of training anew
+            parser.error(f"{args.runs / run} exists: remove it or pass another --runs")
     began = time.time()
     seconds = {
         "model": train(args.runs / "model", [], args.minutes),

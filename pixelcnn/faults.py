@@ -281,10 +281,12 @@ class Deadline:
             # machine, a cold cache): half as much again is kept in reserve
             finish = 1.5 * eval_seconds
         elif self.test_batches is not None:
-            # the two eval steps' traces and first calls, taken as three first training
-            # steps, then both weights over the test set, each batch taken to cost a
-            # training step
-            finish = 3 * self.first_step + 2 * self.test_batches * step_seconds
+            # the two eval steps' traces and first calls (forward passes only), taken as
+            # two first training steps, then both weights over the test set, each batch
+            # taken as half a training step: a forward pass is about a third of a step's
+            # work, and evaluation runs in float32, which can be half the speed of a
+            # bfloat16 forward pass
+            finish = 2 * self.first_step + self.test_batches * step_seconds
         else:
             finish = 0.1 * (self.end - self.start)
         save = save_seconds if save_seconds is not None else 2.0

@@ -25,20 +25,17 @@ def test_the_gpu_benchmark_runs_every_part_on_the_cpu(tmp_path):
     parts = json.loads((tmp_path / "out" / "results.json").read_text())["parts"]
     assert list(parts) == ["train-B1", "sampling", "codec", "gpu-tests", "export", "train-B2"]
     assert not {k: v for k, v in parts.items() if v["status"] != "ok"}
-    # the smoke run: every precision and XLA once on B1, one row of B2
+    # the smoke run: float16 on B1, XLA on B2
     rows = {
         name: [(r["precision"], r["xla"]) for r in parts[name]["rows"]]
         for name in parts
         if name.startswith("train")
     }
-    assert rows["train-B1"] == [
-        ("float32", False), ("bfloat16", False), ("float16", False), ("float32", True)
-    ]  # fmt: skip
-    assert rows["train-B2"] == [("float32", False)]
+    assert rows == {"train-B1": [("float16", False)], "train-B2": [("float32", True)]}
     for name in rows:
         assert all(r["train_images_per_s"] > 0 for r in parts[name]["rows"])
         assert all(r["eval_images_per_s"] > 0 for r in parts[name]["rows"])
-    assert [r["sampler"] for r in parts["sampling"]["rows"]] == ["fast", "fast", "naive"]
+    assert [r["sampler"] for r in parts["sampling"]["rows"]] == ["fast", "naive"]
     assert parts["codec"]["exact"] is True and parts["codec"]["images"] == 32
     assert parts["gpu-tests"]["exit_code"] == 0
     assert "tests collected" in parts["gpu-tests"]["summary"]
