@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 from pixelcnn import data  # noqa: E402
+from pixelcnn.likelihood import to_unit_range  # noqa: E402
 from pixelcnn.model import PixelCNNPP  # noqa: E402
 from pixelcnn.trainer import Trainer  # noqa: E402
 
@@ -24,16 +25,12 @@ def model_fn(dtype):
                       num_mixtures=5, dropout_rate=0.0, dtype=dtype)  # fmt: skip
 
 
-def to_unit(images):
-    return tf.cast(images, tf.float32) * (2 / 255) - 1
-
-
 def main() -> None:
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     trainer = Trainer(strategy, model_fn, 2e-3, 0.99995, 0.95, 0.9995, 0.9995, "float32")
     train, test = data.embedded_mnist(32)
-    trainer.initialize(to_unit(next(iter(train))[0]))
-    test = test.map(lambda x, y: {"images": to_unit(x)})
+    trainer.initialize(to_unit_range(next(iter(train))[0], 8))
+    test = test.map(lambda x, y: {"images": to_unit_range(x, 8)})
     dist = strategy.experimental_distribute_dataset(test)
     trainer.trace_for(eval_spec=dist.element_spec)
     for round_ in range(3):

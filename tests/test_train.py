@@ -314,9 +314,9 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
 def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
     """`train.max_minutes = 1.5` (the tiny config, an endless run): the command exits
     within 90 s of its start, TensorFlow's import, the final evaluation and the
-    checkpoint included, having trained past its first step. (With 1 minute, a slow
-    machine whose other test process ran a heavy test took 94 s: import, build and the
-    first step's trace alone came near the budget, and no estimate can save that.)"""
+    checkpoint included, having trained past its first step. (A shorter budget can be
+    spent on import, build and the first step's trace alone on a loaded slow machine,
+    which no estimate can save.)"""
     import time
 
     run = tmp_path / "run"
