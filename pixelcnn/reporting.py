@@ -66,8 +66,9 @@ def log_samples(model, run_dir: str, count: int, seed: int, step: int) -> tuple[
 class Report:
     """What one invocation of train() measured: evaluations, samples, the train loss."""
 
-    def __init__(self, trainer, test_ds, summaries: Summaries, run_dir: str, start: float):
-        self.trainer, self.test_ds = trainer, test_ds
+    def __init__(self, trainer, test, summaries: Summaries, run_dir: str, start: float):
+        """test: the test split's ``passes.Passes``."""
+        self.trainer, self.test = trainer, test
         self.summaries, self.run_dir, self.start = summaries, run_dir, start
         self.train_bits_per_dim = None
         self.evaluations, self.samples = [], []
@@ -104,14 +105,13 @@ class Report:
         A second evaluation at the same step adds to its entry. ``should_stop()`` is
         asked before every batch (``faults.SignalReceived``)."""
         trainer, step = self.trainer, distribute.value(self.trainer.step)
-        dist_test = trainer.strategy.experimental_distribute_dataset(self.test_ds)
-        trainer.trace_for(eval_spec=dist_test.element_spec)
+        trainer.trace_for(eval_spec=self.test.element_spec)
         entry = {"step": step, "epoch": distribute.value(trainer.epoch), "images": images}
         if self.evaluations and self.evaluations[-1]["step"] == step:
             entry = self.evaluations.pop()
         for w in weights:
             pass_began = time.monotonic()
-            nll = trainer.evaluate(dist_test, w, should_stop)
+            nll = trainer.evaluate(self.test.next_pass(), w, should_stop)
             bpd = trainer.bits_per_dim(nll)
             self.summaries.scalars(eval_run_name(w), step, nll=nll, bits_per_dim=bpd)
             entry[f"test_bits_per_dim_{w}"] = bpd

@@ -47,7 +47,7 @@ import keras
 import tensorflow as tf
 from tqdm.auto import tqdm
 
-from pixelcnn import checkpoints, checks, contract, data, distribute, faults, reporting
+from pixelcnn import checkpoints, checks, contract, data, distribute, faults, passes, reporting
 from pixelcnn.model import PixelCNNPP
 from pixelcnn.trainer import PRECISIONS, Trainer
 
@@ -107,13 +107,19 @@ def train(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )
     loop = _Loop(trainer, os.fspath(run_dir), test_ds, (start, max_minutes), batch_size, progress)
-    loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
-    loop.samples, loop.mutation_rate = (images_to_log, log_images_every, seed), mutation_rate
-    loop.raw_eval_every = checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
-    with faults.StopRequested() as stop, faults.stopping(strategy, loop.saver, stop) as preemption:
-        loop.stop, loop.preemption = stop, preemption
-        stopped = loop.run(train_ds, max_epoch, max_steps, eval_every_steps)
-    return loop.finish(stopped, max_minutes)
+    try:
+        loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
+        loop.samples, loop.mutation_rate = (images_to_log, log_images_every, seed), mutation_rate
+        loop.raw_eval_every = checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
+        with (
+            faults.StopRequested() as stop,
+            faults.stopping(strategy, loop.saver, stop) as preemption,
+        ):
+            loop.stop, loop.preemption = stop, preemption
+            stopped = loop.run(train_ds, max_epoch, max_steps, eval_every_steps)
+        return loop.finish(stopped, max_minutes)
+    finally:
+        loop.close()
 
 
 def _build(strategy, dataset_fn, batch_size, optimizer, precision, options):
@@ -145,6 +151,8 @@ class _Loop:
         self.test_ds, self.start, self.batch_size = test_ds, budget[0], batch_size
         self.chief = distribute.is_chief(trainer.strategy)
         self.deadline = faults.Deadline(*budget, int(test_ds.cardinality()))
+        self.test = passes.Passes(trainer.strategy, lambda _: test_ds)
+        self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
         self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
@@ -162,7 +170,13 @@ class _Loop:
         # steps before a resume are counted as full batches
         self.images = distribute.value(trainer.step) * self.batch_size
         summaries = reporting.Summaries(self.run_dir, self.chief)  # training starts now
-        self.report = reporting.Report(trainer, self.test_ds, summaries, self.run_dir, self.start)
+        self.report = reporting.Report(trainer, self.test, summaries, self.run_dir, self.start)
+
+    def close(self) -> None:
+        """Lets the data's iterators go (``passes.Passes.close``)."""
+        for p in (self.train, self.test):
+            if p is not None:
+                p.close()
 
     def finish(self, stopped: str | None, max_minutes) -> dict:
         """The last save (a signal now only waits for it), summaries, metrics.json."""
@@ -189,11 +203,21 @@ class _Loop:
         """Trains until the end; returns why it stopped earlier ("max_steps",
         "max_minutes") or None. A signal raises faults.SignalReceived."""
         trainer, count, every, seed = self.trainer, *self.samples
+        # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
+        # order this continues the same curve exactly.
+        first, skip = distribute.value(trainer.epoch), distribute.value(trainer.step_in_epoch)
+        bits, rate = trainer.model.num_bits, self.mutation_rate
+
+        def epoch_data(epoch):  # a background model's perturbed data, new every epoch
+            return data.mutate(train_ds, rate, bits, trainer.seed, epoch) if rate else train_ds
+
+        self.train = passes.Passes(trainer.strategy, epoch_data, first, skip)
+        trainer.trace_for(train_spec=self.train.element_spec)
         stopped = None
         while stopped is None and distribute.value(trainer.epoch) < max_epoch:
             if max_steps is not None and distribute.value(trainer.step) >= max_steps:
                 break
-            stopped = self.epoch(train_ds, max_epoch, max_steps, eval_every_steps)
+            stopped = self.epoch(max_epoch, max_steps, eval_every_steps)
             if stopped == "max_minutes":  # only the final evaluation and save are left
                 break
             if stopped is None:
@@ -217,23 +241,14 @@ class _Loop:
             self.report.log_samples(count, seed, self.stop)
         return stopped
 
-    def epoch(self, train_ds, max_epoch, max_steps, eval_every_steps) -> str | None:
+    def epoch(self, max_epoch, max_steps, eval_every_steps) -> str | None:
         """Trains to the end of the epoch; returns why it stopped earlier, or None."""
         trainer = self.trainer
-        # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
-        # order this continues the same curve exactly.
-        skip = distribute.value(trainer.step_in_epoch)
-        if self.mutation_rate:  # a background model's perturbed data, new every epoch
-            epoch = distribute.value(trainer.epoch)
-            bits = trainer.model.num_bits
-            train_ds = data.mutate(train_ds, self.mutation_rate, bits, trainer.seed, epoch)
-        dist_train = trainer.strategy.experimental_distribute_dataset(train_ds.skip(skip))
-        trainer.trace_for(train_spec=dist_train.element_spec)
         desc = f"epoch {distribute.value(trainer.epoch) + 1}/{max_epoch}"
         show = self.progress and self.chief
         with tqdm(desc=desc, unit="img", disable=not show) as bar:
             tick = time.monotonic()
-            for batch in dist_train:
+            for batch in self.train.next_pass():
                 seconds, tick = self.step(batch, bar, tick)
                 step = distribute.value(trainer.step)
                 if eval_every_steps and step % eval_every_steps == 0:

@@ -248,8 +248,9 @@ class Trainer:
 
         return eval_step
 
-    def evaluate(self, dist_dataset, weights: str = "ema", should_stop=None) -> float:
-        """Mean test NLL per image (nats) over a whole dataset.
+    def evaluate(self, batches, weights: str = "ema", should_stop=None) -> float:
+        """Mean test NLL per image (nats) over ``batches`` (distributed: one pass of
+        ``passes.Passes`` or a distributed dataset).
 
         weights: "ema" (the average) or "raw" (the training weights, in float32).
         should_stop: a function checked before every batch; when it returns True the
@@ -263,7 +264,7 @@ class Trainer:
                     r.assign(w)
         step = self.eval_steps[weights]
         total, count = 0.0, 0.0
-        for batch in dist_dataset:
+        for batch in batches:
             if should_stop is not None and should_stop():
                 raise faults.SignalReceived("evaluation")
             s, n = step(batch)

@@ -1,0 +1,88 @@
+"""Epochs and evaluation passes over a dataset through one distributed iterator.
+
+Deleting a tf.data iterator whose pipeline autotunes waits, in TensorFlow 2.21, for
+its autotuning thread's next timed wake-up: the deletion does not wake it. That
+thread's period doubles from 10 ms to a minute, and tf.distribute's iterators autotune
+whatever the dataset's options say. A new iterator every epoch or evaluation pass
+would stall each by up to as long again (a minute at most). A ``Passes`` keeps one
+iterator for all its passes instead: every pass's data chained, and the known number of
+batches taken per pass (``benchmarks/eval_pass_timing.py`` compares the two). Data
+whose length tf.data cannot tell (``cardinality`` unknown, e.g. after a ``filter``)
+gets an iterator per pass; ``tf.data.experimental.assert_cardinality`` declares one.
+
+For the same reason ``close`` never deletes the iterator: it is kept until the process
+exits, which does not delete it either. A ``train`` call keeps two (its splits'), with
+their prefetched batches and, for a shuffled split, the shuffle buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Iterator
+
+import tensorflow as tf
+
+
+class Passes:
+    """Passes over ``dataset_for(epoch)`` for epochs ``first``, ``first + 1``, ...,
+    distributed over ``strategy``; the first pass starts after its first ``skip``
+    batches (a resumed epoch).
+
+    dataset_for: an epoch (a Python int, or an int64 scalar tensor in the chained
+      pipeline) -> that pass's batches; every pass must have the same number.
+    """
+
+    def __init__(
+        self,
+        strategy: tf.distribute.Strategy,
+        dataset_for: Callable[[int | tf.Tensor], tf.data.Dataset],
+        first: int = 0,
+        skip: int = 0,
+    ):
+        self.strategy, self.dataset_for = strategy, dataset_for
+        self.epoch, self.skip = int(first), int(skip)
+        count = int(dataset_for(self.epoch).cardinality())
+        # Known and finite: one iterator. Unknown (-2), infinite (-1) or empty: one
+        # per pass, which also lets an infinite dataset run as one long pass.
+        self.batches = count if count > 0 else None
+        self._iterator, self._left = None, 0
+        if self.batches is None:
+            self._dataset = self._pass_dataset()
+        else:
+            chained = tf.data.Dataset.range(self.epoch, 2**62).flat_map(dataset_for)
+            self._dataset = strategy.experimental_distribute_dataset(chained.skip(self.skip))
+        self.element_spec = self._dataset.element_spec  # what the steps are traced for
+
+    def _pass_dataset(self):
+        batches = self.dataset_for(self.epoch).skip(self.skip)
+        return self.strategy.experimental_distribute_dataset(batches)
+
+    def next_pass(self) -> Iterator:
+        """The distributed batches of the next pass. What an abandoned pass left is
+        skipped first, so every pass starts at its epoch's first batch."""
+        if self.batches is None:
+            dataset, self._dataset = self._dataset, None
+            batches = iter(dataset if dataset is not None else self._pass_dataset())
+        else:
+            if self._iterator is None:
+                self._iterator = iter(self._dataset)
+            for _ in range(self._left):
+                next(self._iterator)
+            self._left = self.batches - self.skip
+            batches = self._take()
+        self.skip = 0
+        self.epoch += 1
+        return batches
+
+    def _take(self):
+        while self._left > 0:
+            self._left -= 1
+            yield next(self._iterator)
+
+    def close(self) -> None:
+        """Lets go of the iterator without deleting it: it stays, with its threads and
+        buffers, until the process exits (an extra reference that is never given back),
+        because deleting it can wait up to a minute (the module's doc)."""
+        if self._iterator is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._iterator))
+        self._iterator = self._dataset = None
