@@ -6,7 +6,8 @@ Runs ``python main.py --config CONFIG --log-dir DIR single`` as a user would (on
 process, compile and evaluations included in the wall clock), measures the machine's
 float32 and bfloat16 matmul peak just before and just after it (this machine's speed
 drifts by 2x between days), then reads the run's ``metrics.json``: every evaluation's
-step, images seen, seconds since the command started, EMA and raw test bits/dim.
+step, images seen, seconds since the command started, EMA and raw test bits/dim and
+the seconds of each pass, and the share of the command spent evaluating.
 Writes benchmarks/results/time_to_quality.json and prints the curve. Run it on a quiet
 machine: it is a benchmark, not a test.
 """
@@ -54,22 +55,36 @@ def main() -> None:
     print(f"matmul peak after: {after} GFLOP/s")
 
     metrics = json.loads((log_dir / "metrics.json").read_text())
+    evaluations = metrics["evaluations"]
+    eval_seconds = sum(v for e in evaluations for k, v in e.items() if k.startswith("eval_seconds"))
     result = {
         "config": str(Path(args.config).relative_to(ROOT)),
         "bindings": args.binding,
         "command_seconds": round(wall, 1),
+        "evaluation_seconds": round(eval_seconds, 1),
         "matmul_peak_gflops_before": before,
         "matmul_peak_gflops_after": after,
         "stopped": metrics["stopped"],
-        "evaluations": metrics["evaluations"],
+        "evaluations": evaluations,
     }
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n{'minutes':>8} {'step':>6} {'images':>7} {'EMA bpd':>8} {'raw bpd':>8}")
-    for e in metrics["evaluations"]:
+
+    def cell(e, key, form):
+        return format(e[key], form) if key in e else "-"
+
+    print(
+        f"\n{'minutes':>8} {'step':>6} {'images':>7} {'EMA bpd':>8} {'raw bpd':>8} {'EMA s':>6} {'raw s':>6}"
+    )
+    for e in evaluations:
         print(
             f"{e['seconds'] / 60:8.1f} {e['step']:6d} {e['images']:7d} "
-            f"{e['test_bits_per_dim_ema']:8.4f} {e['test_bits_per_dim_raw']:8.4f}"
+            f"{cell(e, 'test_bits_per_dim_ema', '8.4f'):>8} {cell(e, 'test_bits_per_dim_raw', '8.4f'):>8} "
+            f"{cell(e, 'eval_seconds_ema', '6.1f'):>6} {cell(e, 'eval_seconds_raw', '6.1f'):>6}"
         )
+    print(
+        f"command {wall / 60:.2f} min, evaluating {eval_seconds:.0f} s "
+        f"({100 * eval_seconds / wall:.1f}% of it)"
+    )
     print(f"wrote {args.output}")
 
 
