@@ -79,17 +79,14 @@ def checkpoint_candidates(run_dir: str | os.PathLike, checkpoint: str | None = N
     if state is not None and state.model_checkpoint_path:
         listed.append(state.model_checkpoint_path)
     found = [f[: -len(".index")] for f in tf.io.gfile.glob(os.path.join(ckpt_dir, "ckpt-*.index"))]
-    prefixes = {p if _is_absolute(p) else os.path.join(ckpt_dir, p) for p in listed + found}
-    return sorted(prefixes, key=_checkpoint_number, reverse=True)
+    # Both already name the folder: get_checkpoint_state joins the state file's relative
+    # paths to it, and the glob's pattern starts with it (relative when run_dir is).
+    return sorted(set(listed + found), key=_checkpoint_number, reverse=True)
 
 
 def _checkpoint_number(prefix: str) -> int:
     number = os.path.basename(prefix).rsplit("-", 1)[-1]
     return int(number) if number.isdigit() else -1
-
-
-def _is_absolute(path: str) -> bool:
-    return os.path.isabs(path) or "://" in path
 
 
 def restore_newest_good(

@@ -155,6 +155,18 @@ def test_checkpoints_are_found_without_the_state_file(two_checkpoints, tmp_path)
     assert [p[-6:] for p in checkpoints.checkpoint_candidates(run)] == ["ckpt-4", "ckpt-2"]
 
 
+def test_a_run_named_by_a_relative_path_loads(two_checkpoints, tmp_path, monkeypatch):
+    """`--log-dir runs/X`: the checkpoints' paths are the folder's, never joined twice."""
+    shutil.copytree(two_checkpoints, tmp_path / "runs" / "r")
+    monkeypatch.chdir(tmp_path)
+    folder = os.path.join("runs", "r", "checkpoints")
+    assert checkpoints.checkpoint_candidates("runs/r") == [
+        os.path.join(folder, "ckpt-4"),
+        os.path.join(folder, "ckpt-2"),
+    ]
+    assert checkpoints.load_for_inference("runs/r")[1] == os.path.join(folder, "ckpt-4")
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_resume_falls_back_past_a_damaged_newest_checkpoint(
     two_checkpoints, tmp_path, tiny_gin, capsys, damage
