@@ -1,6 +1,7 @@
 """Out-of-distribution detection on the embedded MNIST subset, end to end.
 
     python benchmarks/ood.py [--minutes 8] [--out benchmarks/results/ood]
+        [--mutation-rate 0.2] [--l2-weight 1e-4] [--model-from runs/ood/model]
 
 Trains a model and its background model (the same config with train.mutation_rate and
 train.l2_weight, Ren et al. 2019) on the 4,500 training digits, each as a
@@ -44,7 +45,6 @@ MODEL = [
     "PixelCNNPP.num_mixtures = 5",
     "PixelCNNPP.dropout_rate = 0.0",
 ]
-BACKGROUND = ["train.mutation_rate = 0.2", "train.l2_weight = 1e-4"]
 
 
 def train(run_dir: Path, bindings: list[str], minutes: float) -> float:
@@ -133,19 +133,30 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="training budget, each model")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "ood")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ood")
+    parser.add_argument("--mutation-rate", type=float, default=0.2, help="the background's")
+    parser.add_argument("--l2-weight", type=float, default=1e-4, help="the background's")
+    parser.add_argument(
+        "--model-from", type=Path, default=None,
+        help="a model run of this script to score with instead of training one (e.g. to "
+        "compare backgrounds against the same model)",
+    )  # fmt: skip
     args = parser.parse_args()
-    for run in ("model", "background"):
-        if (args.runs / run).exists():  # `single` would resume it instead of training anew
-            parser.error(f"{args.runs / run} exists: remove it or pass another --runs")
+    runs = {"model": args.model_from or args.runs / "model", "background": args.runs / "background"}
+    for name, run in runs.items():
+        if run.exists() and not (name == "model" and args.model_from):
+            # `single` would resume it instead of training anew
+            parser.error(f"{run} exists: remove it or pass another --runs")
+    background_bindings = [f"train.mutation_rate = {args.mutation_rate}",
+                  f"train.l2_weight = {args.l2_weight}"]  # fmt: skip
     began = time.time()
     seconds = {
-        "model": train(args.runs / "model", [], args.minutes),
-        "background": train(args.runs / "background", BACKGROUND, args.minutes),
+        "model": None if args.model_from else train(runs["model"], [], args.minutes),
+        "background": train(runs["background"], background_bindings, args.minutes),
     }
     from pixelcnn import data, load_for_inference, ood, scoring
 
-    model, _ = load_for_inference(args.runs / "model")
-    background, _ = load_for_inference(args.runs / "background")
+    model, _ = load_for_inference(runs["model"])
+    background, _ = load_for_inference(runs["background"])
     train_images, labels = data.load_embedded_mnist()
     train_idx, test_idx = data.split_indices(labels, 500, 0)  # embedded_mnist's split
     test = train_images[test_idx]
@@ -157,9 +168,11 @@ def main() -> None:
         "chosen_score": CHOSEN,
         "training_seconds": seconds,
         "test_bits_per_dim": {
-            run: json.loads((args.runs / run / "metrics.json").read_text())["test_bits_per_dim"]
-            for run in ("model", "background")
+            name: json.loads((run / "metrics.json").read_text())["test_bits_per_dim"]
+            for name, run in runs.items()
         },
+        "runs": {name: str(run) for name, run in runs.items()},
+        "background_bindings": background_bindings,
         "metrics": rows,
         "typicality": typicality(scorer, ood, train_images[train_idx][:1000], test, sets),
         "scoring_seconds": timing(scorer, scoring, test),
