@@ -3,8 +3,8 @@
     python benchmarks/ood.py [--minutes 8] [--out benchmarks/results/ood]
         [--mutation-rate 0.2] [--l2-weight 1e-4] [--model-from runs/ood/model]
 
-Trains a model and its background model (the same config with train.mutation_rate and
-train.l2_weight, Ren et al. 2019) on the 4,500 training digits, each as a
+Trains a model (unless --model-from names one) and its background model (the same config
+with train.mutation_rate and train.l2_weight, Ren et al. 2019) on the 4,500 training digits, each as a
 `pixelcnn single` command with a time budget, then scores the 500 test digits against
 OOD sets built here, offline: constant images, uniform noise, inverted test digits,
 and two sets of glyphs rendered with Pillow's built-in font (letters; punctuation and
@@ -141,6 +141,11 @@ def main() -> None:
         "compare backgrounds against the same model)",
     )  # fmt: skip
     args = parser.parse_args()
+    args.runs = args.runs.resolve()  # main.py runs in ROOT
+    if args.model_from is not None:
+        args.model_from = args.model_from.resolve()
+        if not (args.model_from / "checkpoints").is_dir():
+            parser.error(f"--model-from {args.model_from}: no checkpoints/ there")
     runs = {"model": args.model_from or args.runs / "model", "background": args.runs / "background"}
     for name, run in runs.items():
         if run.exists() and not (name == "model" and args.model_from):

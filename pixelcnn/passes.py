@@ -45,6 +45,8 @@ class Passes:
         # Known and finite: one iterator. Unknown (-2), infinite (-1) or empty: one
         # per pass, which also lets an infinite dataset run as one long pass.
         self.batches = count if count > 0 else None
+        if self.batches is not None:  # a resume with a larger batch: that epoch is done
+            self.skip = min(self.skip, self.batches)
         self._iterator, self._left = None, 0
         if self.batches is None:
             self._dataset = self._pass_dataset()
@@ -76,8 +78,9 @@ class Passes:
 
     def _take(self):
         while self._left > 0:
+            batch = next(self._iterator)
             self._left -= 1
-            yield next(self._iterator)
+            yield batch
 
     def close(self) -> None:
         """Lets go of the iterator without deleting it: it stays, with its threads and

@@ -88,7 +88,8 @@ def train(
     ``dataset_fn(batch_size) -> (train, test)``; a ``run_dir`` with checkpoints resumes.
     Every argument after ``strategy`` is a gin binding (the module docstring says what
     each does). Returns {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim"
-    (EMA), "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}.
+    (EMA), "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}. The data's
+    iterators stay alive until the process exits (``pixelcnn.passes``).
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
@@ -148,7 +149,7 @@ class _Loop:
     def __init__(self, trainer, run_dir: str, test_ds, budget, batch_size, progress):
         """budget: (start, a time.monotonic(); train.max_minutes or None)."""
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
-        self.test_ds, self.start, self.batch_size = test_ds, budget[0], batch_size
+        self.start, self.batch_size = budget[0], batch_size
         self.chief = distribute.is_chief(trainer.strategy)
         self.deadline = faults.Deadline(*budget, int(test_ds.cardinality()))
         self.test = passes.Passes(trainer.strategy, lambda _: test_ds)

@@ -52,3 +52,12 @@ def test_an_infinite_dataset_is_one_pass():
     batches = p.next_pass()
     got = [next(batches).numpy().tolist() for _ in range(4)]
     np.testing.assert_array_equal(got, [[0, 1], [2, 0], [1, 2], [0, 1]])
+
+
+def test_a_skip_past_the_epochs_end_ends_that_epoch():
+    """A resume with a larger batch: the saved step within the epoch is past its end."""
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    dataset_for = _epoch_data(True)
+    p = passes.Passes(strategy, dataset_for, first=0, skip=7)
+    assert _values(p.next_pass()) == []
+    assert _values(p.next_pass()) == _values(dataset_for(1))
