@@ -263,9 +263,10 @@ class Deadline:
     steps' own time until they have run once)."""
 
     def __init__(self, start: float, max_minutes: float | None, test_batches: int | None):
+        """test_batches: batches per evaluation pass, None when unknown."""
         self.start = start
         self.end = None if max_minutes is None else start + 60.0 * max_minutes
-        self.test_batches = test_batches if test_batches and test_batches > 0 else None
+        self.test_batches = test_batches
         self.first_step = None  # seconds of the first step (its trace included)
 
     def leaves_time(self, step_seconds: float, eval_seconds, save_seconds) -> bool:

@@ -151,8 +151,8 @@ class _Loop:
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
         self.start, self.batch_size = budget[0], batch_size
         self.chief = distribute.is_chief(trainer.strategy)
-        self.deadline = faults.Deadline(*budget, int(test_ds.cardinality()))
         self.test = passes.Passes(trainer.strategy, lambda _: test_ds)
+        self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
