@@ -56,7 +56,7 @@ def main() -> None:
     for name, (ds, step) in splits.items():
         ds = ds.map(lambda x, y: {"images": to_unit_range(x, 8)})
         fresh = lambda ds=ds: iter(strategy.experimental_distribute_dataset(ds))  # noqa: E731
-        kept = passes.Passes(strategy, lambda _, ds=ds: ds)
+        kept = passes.Passes(strategy, ds)
         trainer.trace_for(**{("eval_spec" if name == "eval" else "train_spec"): kept.element_spec})
         splits[name] = (fresh, kept.next_pass, step)
     waits = {}

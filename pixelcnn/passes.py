@@ -5,8 +5,8 @@ its autotuning thread's next timed wake-up: the deletion does not wake it. That
 thread's period doubles from 10 ms to a minute, and tf.distribute's iterators autotune
 whatever the dataset's options say. A new iterator every epoch or evaluation pass
 would stall each by up to as long again (a minute at most). A ``Passes`` keeps one
-iterator for all its passes instead: every pass's data chained, and the known number of
-batches taken per pass (``benchmarks/eval_pass_timing.py`` compares the two). Data
+iterator for all its passes instead: the data repeated (or, when it changes every
+epoch, every epoch's data chained), and the known number of batches taken per pass (``benchmarks/eval_pass_timing.py`` compares the two). Data
 whose length tf.data cannot tell (``cardinality`` unknown, e.g. after a ``filter``)
 gets an iterator per pass; ``tf.data.experimental.assert_cardinality`` declares one.
 
@@ -24,39 +24,57 @@ import tensorflow as tf
 
 
 class Passes:
-    """Passes over ``dataset_for(epoch)`` for epochs ``first``, ``first + 1``, ...,
-    distributed over ``strategy``; the first pass starts after its first ``skip``
-    batches (a resumed epoch).
+    """Passes over ``dataset`` for epochs ``first``, ``first + 1``, ..., distributed over
+    ``strategy``; the first pass starts after its first ``skip`` batches (a resumed
+    epoch).
 
-    dataset_for: an epoch (a Python int, or an int64 scalar tensor in the chained
-      pipeline) -> that pass's batches; every pass must have the same number.
+    per_epoch: optional (dataset, epoch) -> that epoch's batches, for data that changes
+      every epoch (a background model's mutation); epoch is a Python int, or an int64
+      scalar tensor in the chained pipeline. Every epoch must have as many batches as
+      the first: tf.data raises if one has not.
     """
 
     def __init__(
         self,
         strategy: tf.distribute.Strategy,
-        dataset_for: Callable[[int | tf.Tensor], tf.data.Dataset],
+        dataset: tf.data.Dataset,
         first: int = 0,
         skip: int = 0,
+        per_epoch: Callable[[tf.data.Dataset, int | tf.Tensor], tf.data.Dataset] | None = None,
     ):
-        self.strategy, self.dataset_for = strategy, dataset_for
-        self.epoch, self.skip = int(first), int(skip)
-        count = int(dataset_for(self.epoch).cardinality())
+        self.strategy, self.per_epoch = strategy, per_epoch or (lambda ds, _: ds)
+        self.base, self.epoch, self.skip = dataset, int(first), int(skip)
+        count = int(self.per_epoch(dataset, self.epoch).cardinality())
         # Known and finite: one iterator. Unknown (-2), infinite (-1) or empty: one
         # per pass, which also lets an infinite dataset run as one long pass.
         self.batches = count if count > 0 else None
-        if self.batches is not None:  # a resume with a larger batch: that epoch is done
-            self.skip = min(self.skip, self.batches)
         self._iterator, self._left = None, 0
         if self.batches is None:
             self._dataset = self._pass_dataset()
         else:
-            chained = tf.data.Dataset.range(self.epoch, 2**62).flat_map(dataset_for)
+            self.skip = min(self.skip, self.batches)  # a resume with a larger batch
+            chained = dataset.repeat() if per_epoch is None else self._chained()
             self._dataset = strategy.experimental_distribute_dataset(chained.skip(self.skip))
         self.element_spec = self._dataset.element_spec  # what the steps are traced for
 
+    def _chained(self) -> tf.data.Dataset:
+        """Every epoch's data from ``first`` on, as one dataset with ``base``'s options.
+        File-based sharding cannot see the files inside flat_map's function, so an
+        explicit FILE policy becomes DATA (every worker reads every file)."""
+        same_length = tf.data.experimental.assert_cardinality(self.batches)
+        chained = tf.data.Dataset.range(self.epoch, 2**62).flat_map(
+            lambda epoch: self.per_epoch(self.base, epoch).apply(same_length)
+        )
+        chained = chained.with_options(self.base.options())
+        policy = tf.data.experimental.AutoShardPolicy
+        if self.base.options().experimental_distribute.auto_shard_policy == policy.FILE:
+            by_data = tf.data.Options()
+            by_data.experimental_distribute.auto_shard_policy = policy.DATA
+            chained = chained.with_options(by_data)  # the later options win
+        return chained
+
     def _pass_dataset(self):
-        batches = self.dataset_for(self.epoch).skip(self.skip)
+        batches = self.per_epoch(self.base, self.epoch).skip(self.skip)
         return self.strategy.experimental_distribute_dataset(batches)
 
     def next_pass(self) -> Iterator:

@@ -151,7 +151,7 @@ class _Loop:
         self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
         self.start, self.batch_size = budget[0], batch_size
         self.chief = distribute.is_chief(trainer.strategy)
-        self.test = passes.Passes(trainer.strategy, lambda _: test_ds)
+        self.test = passes.Passes(trainer.strategy, test_ds)
         self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
@@ -209,10 +209,11 @@ class _Loop:
         first, skip = distribute.value(trainer.epoch), distribute.value(trainer.step_in_epoch)
         bits, rate = trainer.model.num_bits, self.mutation_rate
 
-        def epoch_data(epoch):  # a background model's perturbed data, new every epoch
-            return data.mutate(train_ds, rate, bits, trainer.seed, epoch) if rate else train_ds
+        def mutated(dataset, epoch):  # a background model's perturbed data, new every epoch
+            return data.mutate(dataset, rate, bits, trainer.seed, epoch)
 
-        self.train = passes.Passes(trainer.strategy, epoch_data, first, skip)
+        per_epoch = mutated if rate else None
+        self.train = passes.Passes(trainer.strategy, train_ds, first, skip, per_epoch)
         trainer.trace_for(train_spec=self.train.element_spec)
         stopped = None
         while stopped is None and distribute.value(trainer.epoch) < max_epoch:
