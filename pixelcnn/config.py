@@ -20,6 +20,7 @@ def _import_configurables() -> None:
     """Registers every gin configurable, so bindings to them parse."""
     import pixelcnn.data  # noqa: F401
     import pixelcnn.model  # noqa: F401
+    import pixelcnn.tfds_data  # noqa: F401
     import pixelcnn.train  # noqa: F401
 
 
