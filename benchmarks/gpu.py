@@ -137,8 +137,10 @@ def part_sampling(smoke: bool, out: Path) -> dict:
         model = PixelCNNPP(residual_blocks=2 if smoke else 3, dropout_rate=0.0, **cfg)
         model.initialize(tf.random.uniform([4, *cfg["image_shape"]], -1, 1, seed=0))
         rows = []
-        draws = [("fast", 16), ("fast", 256), ("naive", 16)]
-        for sampler, n in draws if not smoke else [draws[0], draws[2]]:
+        draws = (
+            [("fast", 16), ("naive", 16)] if smoke else [("fast", 16), ("fast", 256), ("naive", 16)]
+        )
+        for sampler, n in draws:
             fn = sampling.sample_fast if sampler == "fast" else sampling.sample_naive
 
             def draw(seed, fn=fn, n=n):

@@ -133,8 +133,8 @@ class _Serving(tf.Module):
         if labels is not None:
             elems.append(sampling.batch_layout(labels, b, fill.labels))
         generate = sampling.compiled(model, "fast_xla")
-        known = tf.zeros([b, h, w, c], tf.float32)
-        mask = tf.zeros([b, h, w], tf.bool)
+        known = tf.fill([b, h, w, c], tf.constant(fill.known, tf.float32))  # nothing known
+        mask = tf.fill([b, h, w], fill.mask)
 
         def one_batch(args):
             y = args[2] if labels is not None else None
