@@ -3,13 +3,15 @@
     python benchmarks/ood.py [--minutes 8] [--out benchmarks/results/ood]
         [--mutation-rate 0.2] [--l2-weight 1e-4] [--model-from runs/ood/model]
 
-Trains a model (unless --model-from names one) and its background model (the same config
-with train.mutation_rate and train.l2_weight, Ren et al. 2019) on the 4,500 training digits, each as a
-`pixelcnn single` command with a time budget, then scores the 500 test digits against
-OOD sets built here, offline: constant images, uniform noise, inverted test digits,
-and two sets of glyphs rendered with Pillow's built-in font (letters; punctuation and
-symbols). Every score (negative log-likelihood, likelihood ratio, input complexity
-with PNG) on every set: AUROC, AUPRC, FPR at 95% TPR; the typicality test over
+Trains a model (unless --model-from names one) and its background model (the same
+config with train.mutation_rate and train.l2_weight, Ren et al. 2019) on the 4,500
+training digits, each as a `pixelcnn single` command with a time budget, then scores
+the 500 test digits against OOD sets built here, offline: constant images, uniform
+noise, inverted test digits, and two sets of glyphs rendered with Pillow's built-in
+font (letters; punctuation and symbols). Every score (negative log-likelihood,
+likelihood ratio, input complexity with PNG, and with WebP, JPEG-XL and JPEG 2000 when
+imagecodecs, the bench extra, is installed) on every set: AUROC, AUPRC, FPR at 95% TPR;
+each set's share of non-zero pixels beside its mean scores; the typicality test over
 batches of M = 1, 5, 10; and the seconds each score takes against `evaluate`'s
 log-likelihoods. The score chosen before looking at the sets: the likelihood ratio.
 Writes ood.json and ood.md into --out.
@@ -90,6 +92,45 @@ def ood_sets(test: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def other_compressors(ood, scores, test, sets) -> list[dict]:
+    """Input complexity with each compressor other than PNG that imagecodecs (the bench
+    extra) provides, from the NLL already scored: metric rows as ood.compare's."""
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        print("imagecodecs not installed: input complexity with PNG only")
+        return []
+    from pixelcnn import files
+
+    rows = []
+    for compressor in [c for c in files.COMPRESSORS if c != "png"]:
+        inside = ood.complexity(scores["in"]["nll"], test, 8, compressor)
+        for name, images in sets.items():
+            outside = ood.complexity(scores[name]["nll"], images, 8, compressor)
+            kind = f"complexity ({compressor})"
+            rows.append({"ood_set": name, "score": kind, **ood.metrics(inside, outside)})
+    return rows
+
+
+def ink(scores, test, sets) -> dict:
+    """Per set: the mean fraction of non-zero pixels and each score's mean, and, over
+    the test digits, each score's correlation with that fraction (what a score that
+    only counts background pixels would show)."""
+    images = {"in": test, **sets}
+    out = {
+        name: {
+            "ink": float((x > 0).mean()),
+            **{k: float(v.mean()) for k, v in scores[name].items()},
+        }
+        for name, x in images.items()
+    }
+    fraction = (test > 0).mean(axis=(1, 2, 3))
+    out["correlation with ink, test digits"] = {
+        k: float(np.corrcoef(fraction, v)[0, 1]) for k, v in scores["in"].items()
+    }
+    return out
+
+
 def typicality(scorer, ood, train_images, test, sets) -> list[dict]:
     """Fraction of batches flagged, for M = 1, 5, 10: the fit uses the training digits'
     mean NLL and half of the test digits; the other half gives the false positives."""
@@ -168,6 +209,7 @@ def main() -> None:
     sets = ood_sets(test)
     scorer = ood.Scorer(model, background, "png", batch_size=256)  # as evaluate batches
     scores, rows = ood.compare(scorer, test, sets)
+    rows += other_compressors(ood, scores, test, sets)
     result = {
         "command": " ".join(["python benchmarks/ood.py", *sys.argv[1:]]),
         "chosen_score": CHOSEN,
@@ -179,6 +221,7 @@ def main() -> None:
         "runs": {name: str(run) for name, run in runs.items()},
         "background_bindings": background_bindings,
         "metrics": rows,
+        "ink": ink(scores, test, sets),
         "typicality": typicality(scorer, ood, train_images[train_idx][:1000], test, sets),
         "scoring_seconds": timing(scorer, scoring, test),
     }

@@ -43,6 +43,13 @@ def compressed_bits(images: np.ndarray, num_bits: int, compressor: str = "png") 
     return np.array([8.0 * len(encode(img)) for img in images])
 
 
+def complexity(nll, images: np.ndarray, num_bits: int, compressor: str = "png") -> np.ndarray:
+    """Input complexity (Serra et al. 2020): NLL in bits/dim minus the compressed
+    length in bits per sub-pixel, float64 [N]. nll: [N] bits/dim of ``images``."""
+    dims = float(np.prod(np.shape(images)[1:]))
+    return np.asarray(nll, float) - compressed_bits(images, num_bits, compressor) / dims
+
+
 def check_background(model, background) -> None:
     """ValueError unless the background model scores the same kind of images."""
     for what in ("image_shape", "num_bits", "num_classes"):
@@ -132,8 +139,7 @@ class Scorer:
                 raise ValueError("the likelihood ratio needs a background model")
             out["likelihood_ratio"] = nll + self.log_prob(images, self.background) / dims
         if "complexity" in kinds:
-            bits = compressed_bits(images, self.model.num_bits, self.compressor)
-            out["complexity"] = nll - bits / float(np.prod(self.model.image_shape))
+            out["complexity"] = complexity(nll, images, self.model.num_bits, self.compressor)
         return out
 
 
