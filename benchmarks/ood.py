@@ -2,11 +2,12 @@
 
     python benchmarks/ood.py [--minutes 8] [--out benchmarks/results/ood]
         [--mutation-rate 0.2] [--l2-weight 1e-4] [--model-from runs/ood/model]
+        [--background-from runs/ood/background]
 
-Trains a model (unless --model-from names one) and its background model (the same
-config with train.mutation_rate and train.l2_weight, Ren et al. 2019) on the 4,500
-training digits, each as a `pixelcnn single` command with a time budget, then scores
-the 500 test digits against OOD sets built here, offline: constant images, uniform
+Trains a model and its background model (the same config with train.mutation_rate and
+train.l2_weight, Ren et al. 2019), unless --model-from / --background-from name them,
+on the 4,500 training digits, each as a `pixelcnn single` command with a time budget,
+then scores the 500 test digits against OOD sets built here, offline: constant images, uniform
 noise, inverted test digits, and two sets of glyphs rendered with Pillow's built-in
 font (letters; punctuation and symbols). Every score (negative log-likelihood,
 likelihood ratio, input complexity with PNG, and with WebP, JPEG-XL and JPEG 2000 when
@@ -176,28 +177,37 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "ood")
     parser.add_argument("--mutation-rate", type=float, default=0.2, help="the background's")
     parser.add_argument("--l2-weight", type=float, default=1e-4, help="the background's")
-    parser.add_argument(
-        "--model-from", type=Path, default=None,
-        help="a model run of this script to score with instead of training one (e.g. to "
-        "compare backgrounds against the same model)",
-    )  # fmt: skip
+    for name in ("model", "background"):
+        parser.add_argument(
+            f"--{name}-from", type=Path, default=None,
+            help=f"a {name} run of this script to score with instead of training one (e.g. "
+            "to compare backgrounds against one model, or to score again)",
+        )  # fmt: skip
     args = parser.parse_args()
     args.runs = args.runs.resolve()  # main.py runs in ROOT
-    if args.model_from is not None:
-        args.model_from = args.model_from.resolve()
-        if not (args.model_from / "checkpoints").is_dir():
-            parser.error(f"--model-from {args.model_from}: no checkpoints/ there")
-    runs = {"model": args.model_from or args.runs / "model", "background": args.runs / "background"}
-    for name, run in runs.items():
-        if run.exists() and not (name == "model" and args.model_from):
-            # `single` would resume it instead of training anew
-            parser.error(f"{run} exists: remove it or pass another --runs")
+    given = {"model": args.model_from, "background": args.background_from}
+    runs = {}
+    for name, run in given.items():
+        if run is not None:
+            runs[name] = run.resolve()
+            if not (runs[name] / "checkpoints").is_dir():
+                parser.error(f"--{name}-from {run}: no checkpoints/ there")
+        else:
+            runs[name] = args.runs / name
+            if runs[name].exists():  # `single` would resume it instead of training anew
+                parser.error(f"{runs[name]} exists: remove it or pass another --runs")
     background_bindings = [f"train.mutation_rate = {args.mutation_rate}",
                   f"train.l2_weight = {args.l2_weight}"]  # fmt: skip
+    if given["background"] is not None:  # what it was trained with
+        config = (runs["background"] / "operative_config.gin").read_text().splitlines()
+        background_bindings = [
+            line for line in config if "mutation_rate" in line or "l2_weight" in line
+        ]
     began = time.time()
-    seconds = {
-        "model": None if args.model_from else train(runs["model"], [], args.minutes),
-        "background": train(runs["background"], background_bindings, args.minutes),
+    bindings = {"model": [], "background": background_bindings}
+    seconds = {  # the model first
+        name: None if given[name] else train(runs[name], bindings[name], args.minutes)
+        for name in runs
     }
     from pixelcnn import data, load_for_inference, ood, scoring
 
