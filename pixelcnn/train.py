@@ -93,9 +93,8 @@ def train(
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
-    checks.check_positive_int(log_images_every, "train.log_images_every")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
+    _check_positive(clip_norm=clip_norm, log_images_every=log_images_every,
+                    raw_eval_every=raw_eval_every)  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     options = dict(
         seed=seed,
@@ -111,7 +110,7 @@ def train(
     try:
         loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
         loop.samples, loop.mutation_rate = (images_to_log, log_images_every, seed), mutation_rate
-        loop.raw_eval_every = checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
+        loop.raw_eval_every = raw_eval_every
         with (
             faults.StopRequested() as stop,
             faults.stopping(strategy, loop.saver, stop) as preemption,
@@ -309,6 +308,13 @@ def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, r
         raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"train.mutation_rate must be in [0, 1), got {rate!r}")
+
+
+def _check_positive(clip_norm, log_images_every, raw_eval_every) -> None:
+    if clip_norm is not None and not clip_norm > 0:
+        raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
+    checks.check_positive_int(log_images_every, "train.log_images_every")
+    checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
 
 
 def _image_shape(batch) -> tuple[int, int, int]:

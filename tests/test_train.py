@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 
 import gin
 import numpy as np
@@ -425,6 +426,29 @@ def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message)
             tmp_path, one, dataset_fn=array_dataset_fn(images), batch_size=8, progress=False
         )
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "binding,message",
+    [
+        ({"max_minutes": 0}, "max_minutes must be positive"),
+        ({"mutation_rate": 1.0}, r"mutation_rate must be in \[0, 1\)"),
+        ({"clip_norm": 0.0}, "clip_norm must be positive"),
+        ({"log_images_every": 0}, "log_images_every"),
+        ({"raw_eval_every": 0}, "raw_eval_every"),
+        ({"precision": "float8"}, "precision must be one of"),
+        ({"batch_size": 3}, "divisible by the 2 replicas"),
+    ],
+)
+def test_bad_bindings_fail_before_the_data_is_read(tmp_path, clean_gin, binding, message):
+    def dataset_fn(batch_size):
+        raise AssertionError("the data was read")
+
+    two_replicas = types.SimpleNamespace(num_replicas_in_sync=2)  # all the checks read
+    kwargs = {"batch_size": 8, "progress": False, **binding}
+    with pytest.raises(ValueError, match=message):
+        training.train(tmp_path, two_replicas, dataset_fn=dataset_fn, **kwargs)
+    assert not os.listdir(tmp_path)
 
 
 # ---------------------------------------------------------------------------- configs
