@@ -143,7 +143,15 @@ class Preemption:
         same point)."""
         if self.handler is None:
             return self.stop.signal is not None
-        self._flag.assign(1.0 if self.signalled else 0.0)
+        return self.any_worker(self.signalled)
+
+    def any_worker(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any worker (a collective in a multi-worker run:
+        every worker calls it at the same point), so that decisions each worker makes
+        from its own clock, such as the time budget's, are the same on all."""
+        if self.handler is None:
+            return flag
+        self._flag.assign(1.0 if flag else 0.0)
         summed = self._strategy.run(self._total)
         return float(self._strategy.experimental_local_results(summed)[0]) > 0
 
@@ -259,8 +267,10 @@ EXIT_SECONDS = 3.0  # writing metrics.json, printing them and shutting TensorFlo
 
 class Deadline:
     """train.max_minutes: whether one more step still leaves time for the final
-    evaluation and checkpoint, from how long the last ones took (estimated from the
-    steps' own time until they have run once)."""
+    evaluation, checkpoint and sample grid, from how long the last ones took (estimated
+    from the steps' own time until they have run once)."""
+
+    GRID_SHARE = 0.1  # of the budget, kept for a final grid that was never drawn before
 
     def __init__(self, start: float, max_minutes: float | None, test_batches: int | None):
         """test_batches: batches per evaluation pass, None when unknown."""
@@ -269,9 +279,10 @@ class Deadline:
         self.test_batches = test_batches
         self.first_step = None  # seconds of the first step (its trace included)
 
-    def leaves_time(self, step_seconds: float, eval_seconds, save_seconds) -> bool:
+    def leaves_time(self, step_seconds: float, eval_seconds, save_seconds, grid=False) -> bool:
         """eval_seconds, save_seconds: how long the last evaluation and checkpoint
-        took, or None before the first."""
+        took, or None before the first; grid: whether a final sample grid is to be
+        drawn (its first draw compiles the sampler: ``GRID_SHARE`` of the budget)."""
         if self.end is None:
             return True
         if self.first_step is None:  # its time is mostly the trace: no estimate yet
@@ -290,7 +301,21 @@ class Deadline:
             finish = 2 * self.first_step + self.test_batches * step_seconds
         else:
             finish = 0.1 * (self.end - self.start)
-        save = save_seconds if save_seconds is not None else 2.0
+        save = _save_estimate(save_seconds)
+        if grid:
+            finish += self.GRID_SHARE * (self.end - self.start)
         # a step's time for the loss's noise, and the process's exit after the return
         margin = max(2.0, 2 * step_seconds) + EXIT_SECONDS
         return time.monotonic() + step_seconds + finish + save + margin < self.end
+
+    def seconds_left(self, save_seconds) -> float | None:
+        """Seconds until the last checkpoint must begin for the process to exit in
+        time; None without a budget. save_seconds: as in ``leaves_time``."""
+        if self.end is None:
+            return None
+        return self.end - EXIT_SECONDS - _save_estimate(save_seconds) - time.monotonic()
+
+
+def _save_estimate(save_seconds) -> float:
+    """A checkpoint's seconds: the last one's, or 2 before the first."""
+    return save_seconds if save_seconds is not None else 2.0

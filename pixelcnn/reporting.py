@@ -135,14 +135,16 @@ class Report:
         known = list(self.pass_seconds.values())
         return sum(self.pass_seconds.get(w, max(known)) for w in WEIGHTS)
 
-    def log_samples(self, count: int, seed: int, stop: faults.StopRequested) -> None:
+    def log_samples(self, count: int, seed: int, stop: faults.StopRequested, seconds=None) -> None:
         """Draws and writes the sample grid. It runs in a thread the loop watches, so a
         signal abandons it within a fraction of a second (the first draw compiles the
         sampler: seconds to a minute that a preemption's grace period may not have).
         In a multi-worker run TF's preemption handler owns the signals instead: the
-        grid is finished first there (``faults.Preemption``)."""
+        grid is finished first there (``faults.Preemption``). seconds: abandon it,
+        with a message, after that long (the time budget's end)."""
         if not count:
             return
+        began = time.monotonic()
         step = distribute.value(self.trainer.step)
         done = {}
 
@@ -158,6 +160,9 @@ class Report:
             thread.join(0.1)
             if stop.signal is not None:
                 raise faults.SignalReceived("sample logging")
+            if seconds is not None and time.monotonic() - began > seconds:
+                print("the sample grid was not drawn: it did not fit in train.max_minutes")
+                return
         if "error" in done:
             raise done["error"]
         path, grid = done["result"]

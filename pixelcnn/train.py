@@ -154,6 +154,7 @@ class _Loop:
         self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
+        self.final_grid = False  # a grid is still to be drawn at the end
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
         self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
 
@@ -203,6 +204,7 @@ class _Loop:
         """Trains until the end; returns why it stopped earlier ("max_steps",
         "max_minutes") or None. A signal raises faults.SignalReceived."""
         trainer, count, every, seed = self.trainer, *self.samples
+        self.final_grid = count > 0
         # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
         # order this continues the same curve exactly.
         first, skip = distribute.value(trainer.epoch), distribute.value(trainer.step_in_epoch)
@@ -226,8 +228,10 @@ class _Loop:
                 trainer.step_in_epoch.assign(0)
             self.evaluate()
             epoch = distribute.value(trainer.epoch)
-            if stopped is None and epoch % every == 0 and self.chief:
-                self.report.log_samples(count, seed, self.stop)
+            if stopped is None and epoch % every == 0 and count:
+                self.final_grid = False  # every worker knows, so they keep the same time
+                if self.chief:
+                    self.report.log_samples(count, seed, self.stop)
             self.saver.save(f"epoch {epoch}")
             if self.stop.signal is not None:  # arrived while sampling or saving
                 raise faults.SignalReceived("the end of an epoch")
@@ -237,10 +241,18 @@ class _Loop:
             self.evaluate(final=True)
         elif "test_bits_per_dim_raw" not in last:  # the final result reports both
             self.evaluate(weights=("raw",))
-        # A budget stop draws no final grid: its time is not in the estimate.
-        if not self.report.samples and self.chief and stopped != "max_minutes":
-            self.report.log_samples(count, seed, self.stop)
+        if self.final_grid and self.chief:
+            self.draw_final_grid(count, seed)
         return stopped
+
+    def draw_final_grid(self, count: int, seed: int) -> None:
+        """The grid of a run that drew none, in the time the budget kept for it before
+        the last checkpoint (abandoned if it takes longer)."""
+        left = self.deadline.seconds_left(self.saver.seconds)
+        if left is not None and left <= 0:
+            print("the sample grid was not drawn: no time was left in train.max_minutes")
+            return
+        self.report.log_samples(count, seed, self.stop, left)
 
     def epoch(self, max_epoch, max_steps, eval_every_steps) -> str | None:
         """Trains to the end of the epoch; returns why it stopped earlier, or None."""
@@ -261,10 +273,16 @@ class _Loop:
                     tick = time.monotonic()
                 if max_steps is not None and step >= max_steps:
                     return "max_steps"
-                report, saver = self.report, self.saver
-                if not self.deadline.leaves_time(seconds, report.eval_seconds, saver.seconds):
+                if self.out_of_time(seconds):
                     return "max_minutes"
         return None
+
+    def out_of_time(self, step_seconds: float) -> bool:
+        """Whether the time budget ends the training now (on every worker at once)."""
+        if self.deadline.end is None:
+            return False
+        finish = (self.report.eval_seconds, self.saver.seconds, self.final_grid)
+        return self.preemption.any_worker(not self.deadline.leaves_time(step_seconds, *finish))
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
         """One training step, its loss checked and reported; (seconds, now)."""

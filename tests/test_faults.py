@@ -1,5 +1,6 @@
 """Faults: signals during evaluation, damaged checkpoints, exact resume with dropout."""
 
+import json
 import os
 import shutil
 import signal
@@ -192,9 +193,10 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
 
 
 # ---------------------------------------------------------------------------- workers
-def start_workers(run_dir, max_steps, log_dir, extra=()):
+def start_workers(run_dir, max_steps, log_dir, extra=(), per_worker=((), ())):
     """Two multiworker processes of the tiny config on 127.0.0.1 (main.py, as a user),
-    run from ``log_dir`` (where a test may put a dataset module)."""
+    run from ``log_dir`` (where a test may put a dataset module); per_worker: each
+    one's own extra arguments."""
     import subprocess
     import sys
 
@@ -205,8 +207,8 @@ def start_workers(run_dir, max_steps, log_dir, extra=()):
         command = [
             sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
             "--binding", f"train.max_steps = {max_steps}", "--binding", "train.images_to_log = 0",
-            "--binding", "embedded_mnist.test_size = 16", *extra, "--log-dir", str(run_dir),
-            "multiworker",
+            "--binding", "embedded_mnist.test_size = 16", *extra, *per_worker[i],
+            "--log-dir", str(run_dir), "multiworker",
         ]  # fmt: skip
         log = open(log_dir / f"worker{i}.log", "w")  # noqa: SIM115 (closed with the process)
         procs.append(
@@ -260,6 +262,23 @@ def test_a_signal_to_one_worker_stops_every_worker_at_one_step_then_resume_and_a
     assert "lost contact with /job:worker/replica:0/task:1" in chief, chief[-3000:]
     assert f"the newest checkpoint is {run_dir / 'checkpoints'}" in chief
     assert "Traceback" not in chief
+
+
+def test_workers_with_different_clocks_stop_for_the_budget_at_the_same_step(tmp_path):
+    """Each worker's budget estimate is its own (here, its own train.max_minutes): the
+    one that runs out first stops every worker at the same step, and all exit in time
+    (one worker stopping alone would leave the other waiting in a collective)."""
+    import re
+
+    run_dir = tmp_path / "run"
+    budgets = [("--binding", f"train.max_minutes = {m}") for m in (0.5, 10)]
+    procs = start_workers(run_dir, 100_000, tmp_path, per_worker=budgets)
+    codes = [p.wait(timeout=120) for p in procs]
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    steps = [re.findall(r"stopped at step (\d+) to fit train.max_minutes", log) for log in logs]
+    assert steps[0] == steps[1] and len(steps[0]) == 1, logs
+    assert json.loads((run_dir / "metrics.json").read_text())["step"] == int(steps[0][0])
 
 
 def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, monkeypatch):
@@ -337,3 +356,21 @@ def test_a_signal_during_a_multi_worker_evaluation_stops_every_worker_there(tmp_
     for log in logs:
         assert "a signal to one of the workers during evaluation at step 8" in log, log[-2000:]
     assert checkpoints.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")
+
+
+def test_the_budget_keeps_time_for_the_evaluation_checkpoint_and_a_final_grid(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(faults.time, "monotonic", lambda: now[0])
+    deadline = faults.Deadline(start=1000.0, max_minutes=1.0, test_batches=None)  # ends at 1060
+    assert deadline.leaves_time(1.0, None, None)  # the first step: no estimate yet
+    now[0] = 1040.0
+    # a step (1 s), the final evaluation with half again in reserve (6), a checkpoint
+    # (2 before the first), a margin of two steps or 2 s, the exit (3): 1054
+    assert deadline.leaves_time(1.0, 4.0, None)
+    # and a final grid: a tenth of the budget (6 s) more
+    assert not deadline.leaves_time(1.0, 4.0, None, grid=True)
+    now[0] = 1030.0
+    assert deadline.leaves_time(1.0, 4.0, None, grid=True)
+    # what is left for the grid once the checkpoint and exit are counted
+    assert deadline.seconds_left(5.0) == pytest.approx(1060 - 3 - 5 - 1030)
+    assert faults.Deadline(1000.0, None, None).seconds_left(None) is None

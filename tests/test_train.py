@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import gin
 import numpy as np
@@ -314,8 +315,8 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
 
 def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
     """`train.max_minutes = 1.5` (the tiny config, an endless run): the command exits
-    within 90 s of its start, TensorFlow's import, the final evaluation and the
-    checkpoint included, having trained past its first step. (A shorter budget can be
+    within 90 s of its start, TensorFlow's import, the final evaluation, the sample
+    grid and the checkpoint included, having trained past its first step. (A shorter budget can be
     spent on import, build and the first step's trace alone on a loaded slow machine,
     which no estimate can save.)"""
     import time
@@ -324,8 +325,8 @@ def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
     command = [
         sys.executable, str(ROOT / "main.py"), "--config", str(ROOT / "experiments/tiny.gin"),
         "--binding", "train.max_minutes = 1.5", "--binding", "train.max_steps = None",
-        "--binding", "train.max_epoch = 1000", "--binding", "train.images_to_log = 0",
-        "--binding", "embedded_mnist.test_size = 16", "--log-dir", str(run), "single",
+        "--binding", "train.max_epoch = 1000", "--binding", "embedded_mnist.test_size = 16",
+        "--binding", "train.log_images_every = 1000", "--log-dir", str(run), "single",
     ]  # fmt: skip
     began = time.time()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -340,6 +341,8 @@ def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
     assert result["evaluations"][-1]["eval_seconds_ema"] > 0
     latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == result["step"]
+    # no epoch drew a grid: the final one, in the tenth of the budget kept for it
+    assert [Path(p).name for p in result["samples"]] == [f"step_{result['step']:08d}.png"]
     # what the run wrote for TensorBoard
     tags = set()
     for split in ("train", "eval", "eval_raw"):
@@ -356,6 +359,7 @@ def test_max_minutes_is_kept_by_the_whole_command(tmp_path):
         "eval_raw/nll",
         "eval_raw/bits_per_dim",
         "train/operative_config",
+        "train/samples",
     } <= tags
 
 
