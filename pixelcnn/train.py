@@ -17,8 +17,8 @@ The bindings of ``train``:
     clip_norm: the global norm each batch's gradient is clipped to (None: not clipped);
     ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
   max_epoch, max_steps, max_minutes: where to stop; the time budget includes the final
-    evaluation and checkpoint, counted from ``started`` (a ``time.time()``: the CLI
-    passes its process's start) or else from the call.
+    evaluation, checkpoint and (if none was drawn) sample grid, counted from ``started``
+    (a ``time.time()``: the CLI passes its process's start) or else from the call.
   chkpt_to_keep, checkpoint_every_minutes: checkpoints, also written every epoch, at the
     end and on SIGINT/SIGTERM.
   eval_every_steps: evaluations besides each epoch's; raw_eval_every: the raw (training)
