@@ -6,9 +6,10 @@ thread's period doubles from 10 ms to a minute, and tf.distribute's iterators au
 whatever the dataset's options say. A new iterator every epoch or evaluation pass
 would stall each by up to as long again (a minute at most). A ``Passes`` keeps one
 iterator for all its passes instead: the data repeated (or, when it changes every
-epoch, every epoch's data chained), and the known number of batches taken per pass (``benchmarks/eval_pass_timing.py`` compares the two). Data
-whose length tf.data cannot tell (``cardinality`` unknown, e.g. after a ``filter``)
-gets an iterator per pass; ``tf.data.experimental.assert_cardinality`` declares one.
+epoch, every epoch's data chained), and the known number of batches taken per pass
+(``benchmarks/eval_pass_timing.py`` compares the two). Data whose length tf.data cannot
+tell (``cardinality`` unknown, e.g. after a ``filter``) gets an iterator per pass;
+``tf.data.experimental.assert_cardinality`` declares one.
 
 For the same reason ``close`` never deletes the iterator: it is kept until the process
 exits, which does not delete it either. A ``train`` call keeps two (its splits'), with
