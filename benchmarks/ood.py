@@ -93,7 +93,7 @@ def ood_sets(test: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-def other_compressors(ood, scores, test, sets) -> list[dict]:
+def other_compressors(ood, scores, test, sets, num_bits: int) -> list[dict]:
     """Input complexity with each compressor other than PNG that imagecodecs (the bench
     extra) provides, from the NLL already scored: metric rows as ood.compare's."""
     try:
@@ -105,9 +105,9 @@ def other_compressors(ood, scores, test, sets) -> list[dict]:
 
     rows = []
     for compressor in [c for c in files.COMPRESSORS if c != "png"]:
-        inside = ood.complexity(scores["in"]["nll"], test, 8, compressor)
+        inside = ood.complexity(scores["in"]["nll"], test, num_bits, compressor)
         for name, images in sets.items():
-            outside = ood.complexity(scores[name]["nll"], images, 8, compressor)
+            outside = ood.complexity(scores[name]["nll"], images, num_bits, compressor)
             kind = f"complexity ({compressor})"
             rows.append({"ood_set": name, "score": kind, **ood.metrics(inside, outside)})
     return rows
@@ -127,7 +127,8 @@ def ink(scores, test, sets) -> dict:
     }
     fraction = (test > 0).mean(axis=(1, 2, 3))
     out["correlation with ink, test digits"] = {
-        k: float(np.corrcoef(fraction, v)[0, 1]) for k, v in scores["in"].items()
+        k: float(np.corrcoef(fraction, v)[0, 1]) if np.std(v) > 0 else None  # JSON has no NaN
+        for k, v in scores["in"].items()
     }
     return out
 
@@ -219,7 +220,7 @@ def main() -> None:
     sets = ood_sets(test)
     scorer = ood.Scorer(model, background, "png", batch_size=256)  # as evaluate batches
     scores, rows = ood.compare(scorer, test, sets)
-    rows += other_compressors(ood, scores, test, sets)
+    rows += other_compressors(ood, scores, test, sets, model.num_bits)
     result = {
         "command": " ".join(["python benchmarks/ood.py", *sys.argv[1:]]),
         "chosen_score": CHOSEN,

@@ -270,7 +270,9 @@ class Deadline:
     evaluation, checkpoint and sample grid, from how long the last ones took (estimated
     from the steps' own time until they have run once)."""
 
-    GRID_SHARE = 0.1  # of the budget, kept for a final grid that was never drawn before
+    # kept for a final grid that was never drawn before: a share of the budget, at most
+    # GRID_MAX seconds (the grid's cost does not grow with the budget)
+    GRID_SHARE, GRID_MAX = 0.1, 120.0
 
     def __init__(self, start: float, max_minutes: float | None, test_batches: int | None):
         """test_batches: batches per evaluation pass, None when unknown."""
@@ -282,7 +284,8 @@ class Deadline:
     def leaves_time(self, step_seconds: float, eval_seconds, save_seconds, grid=False) -> bool:
         """eval_seconds, save_seconds: how long the last evaluation and checkpoint
         took, or None before the first; grid: whether a final sample grid is to be
-        drawn (its first draw compiles the sampler: ``GRID_SHARE`` of the budget)."""
+        drawn (its first draw compiles the sampler: ``GRID_SHARE`` of the budget, at most
+        ``GRID_MAX`` seconds)."""
         if self.end is None:
             return True
         if self.first_step is None:  # its time is mostly the trace: no estimate yet
@@ -303,7 +306,7 @@ class Deadline:
             finish = 0.1 * (self.end - self.start)
         save = _save_estimate(save_seconds)
         if grid:
-            finish += self.GRID_SHARE * (self.end - self.start)
+            finish += min(self.GRID_SHARE * (self.end - self.start), self.GRID_MAX)
         # a step's time for the loss's noise, and the process's exit after the return
         margin = max(2.0, 2 * step_seconds) + EXIT_SECONDS
         return time.monotonic() + step_seconds + finish + save + margin < self.end

@@ -51,12 +51,17 @@ class Summaries:
             w.flush()
 
 
-def log_samples(model, run_dir: str, count: int, seed: int, step: int) -> tuple[str, np.ndarray]:
-    """Draws ``count`` samples with the (EMA) model; writes and returns a PNG grid."""
+def log_samples(
+    model, run_dir: str, count: int, seed: int, step: int, cancelled=None
+) -> tuple[str, np.ndarray] | None:
+    """Draws ``count`` samples with the (EMA) model; writes and returns a PNG grid, or
+    writes nothing (None) if the ``cancelled`` event was set while it drew."""
     labels = None
     if model.num_classes:
         labels = tf.range(count) % model.num_classes
     drawn = sampling.sample_fast(model, count, labels=labels, seed=(seed, step))
+    if cancelled is not None and cancelled.is_set():
+        return None
     grid = files.make_grid(drawn.numpy(), model.num_bits)
     path = os.path.join(run_dir, "samples", f"step_{step:08d}.png")
     files.save_png(grid, path)
@@ -146,11 +151,12 @@ class Report:
             return
         began = time.monotonic()
         step = distribute.value(self.trainer.step)
-        done = {}
+        done, cancelled = {}, threading.Event()
 
         def draw():
             try:
-                done["result"] = log_samples(self.trainer.ema, self.run_dir, count, seed, step)
+                model, run_dir = self.trainer.ema, self.run_dir
+                done["result"] = log_samples(model, run_dir, count, seed, step, cancelled)
             except Exception as e:  # raised again in the loop's thread
                 done["error"] = e
 
@@ -161,6 +167,7 @@ class Report:
             if stop.signal is not None:
                 raise faults.SignalReceived("sample logging")
             if seconds is not None and time.monotonic() - began > seconds:
+                cancelled.set()  # the thread may go on drawing, but writes nothing
                 print("the sample grid was not drawn: it did not fit in train.max_minutes")
                 return
         if "error" in done:

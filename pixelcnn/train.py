@@ -93,8 +93,8 @@ def train(
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
-    _check_positive(clip_norm=clip_norm, log_images_every=log_images_every,
-                    raw_eval_every=raw_eval_every)  # fmt: skip
+    _check_bindings(clip_norm=clip_norm, log_images_every=log_images_every,
+                    raw_eval_every=raw_eval_every, images_to_log=images_to_log)  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     options = dict(
         seed=seed,
@@ -155,6 +155,7 @@ class _Loop:
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
         self.final_grid = False  # a grid is still to be drawn at the end
+        self.budgeted = False  # whether any worker has a time budget
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
         self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
 
@@ -205,6 +206,9 @@ class _Loop:
         "max_minutes") or None. A signal raises faults.SignalReceived."""
         trainer, count, every, seed = self.trainer, *self.samples
         self.final_grid = count > 0
+        # every worker agrees whether to check the budget each step (a worker without
+        # one must still join the others' collective)
+        self.budgeted = self.preemption.any_worker(self.deadline.end is not None)
         # Resume mid-epoch where the checkpoint stopped: with a deterministic dataset
         # order this continues the same curve exactly.
         first, skip = distribute.value(trainer.epoch), distribute.value(trainer.step_in_epoch)
@@ -278,11 +282,15 @@ class _Loop:
         return None
 
     def out_of_time(self, step_seconds: float) -> bool:
-        """Whether the time budget ends the training now (on every worker at once)."""
-        if self.deadline.end is None:
+        """Whether the time budget ends the training now (on every worker at once: a
+        collective every step when any worker has a budget, ``self.budgeted``)."""
+        if not self.budgeted:
             return False
         finish = (self.report.eval_seconds, self.saver.seconds, self.final_grid)
-        return self.preemption.any_worker(not self.deadline.leaves_time(step_seconds, *finish))
+        late = self.deadline.end is not None and not self.deadline.leaves_time(
+            step_seconds, *finish
+        )
+        return self.preemption.any_worker(late)
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
         """One training step, its loss checked and reported; (seconds, now)."""
@@ -328,9 +336,10 @@ def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, r
         raise ValueError(f"train.mutation_rate must be in [0, 1), got {rate!r}")
 
 
-def _check_positive(clip_norm, log_images_every, raw_eval_every) -> None:
+def _check_bindings(clip_norm, log_images_every, raw_eval_every, images_to_log) -> None:
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
+    checks.check_int(images_to_log, "train.images_to_log", minimum=0)
     checks.check_positive_int(log_images_every, "train.log_images_every")
     checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
 

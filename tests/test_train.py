@@ -440,6 +440,7 @@ def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message)
         ({"clip_norm": 0.0}, "clip_norm must be positive"),
         ({"log_images_every": 0}, "log_images_every"),
         ({"raw_eval_every": 0}, "raw_eval_every"),
+        ({"images_to_log": -1}, "images_to_log"),
         ({"precision": "float8"}, "precision must be one of"),
         ({"batch_size": 3}, "divisible by the 2 replicas"),
     ],
