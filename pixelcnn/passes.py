@@ -66,9 +66,10 @@ class Passes:
         chained = tf.data.Dataset.range(self.epoch, 2**62).flat_map(
             lambda epoch: self.per_epoch(self.base, epoch).apply(same_length)
         )
-        chained = chained.with_options(self.base.options())
+        options = self.base.options()
+        chained = chained.with_options(options)
         policy = tf.data.experimental.AutoShardPolicy
-        if self.base.options().experimental_distribute.auto_shard_policy == policy.FILE:
+        if options.experimental_distribute.auto_shard_policy == policy.FILE:
             by_data = tf.data.Options()
             by_data.experimental_distribute.auto_shard_policy = policy.DATA
             chained = chained.with_options(by_data)  # the later options win

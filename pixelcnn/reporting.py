@@ -146,8 +146,11 @@ class Report:
         sampler: seconds to a minute that a preemption's grace period may not have).
         In a multi-worker run TF's preemption handler owns the signals instead: the
         grid is finished first there (``faults.Preemption``). seconds: abandon it,
-        with a message, after that long (the time budget's end)."""
+        with a message, after that long (the time budget's end; not begun if <= 0)."""
         if not count:
+            return
+        if seconds is not None and seconds <= 0:
+            print("the sample grid was not drawn: no time was left in train.max_minutes")
             return
         began = time.monotonic()
         step = distribute.value(self.trainer.step)

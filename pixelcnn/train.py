@@ -92,9 +92,8 @@ def train(
     iterators stay alive until the process exits (``pixelcnn.passes``).
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
-    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate)
-    _check_bindings(clip_norm=clip_norm, log_images_every=log_images_every,
-                    raw_eval_every=raw_eval_every, images_to_log=images_to_log)  # fmt: skip
+    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
+                     clip_norm, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     options = dict(
         seed=seed,
@@ -253,9 +252,6 @@ class _Loop:
         """The grid of a run that drew none, in the time the budget kept for it before
         the last checkpoint (abandoned if it takes longer)."""
         left = self.deadline.seconds_left(self.saver.seconds)
-        if left is not None and left <= 0:
-            print("the sample grid was not drawn: no time was left in train.max_minutes")
-            return
         self.report.log_samples(count, seed, self.stop, left)
 
     def epoch(self, max_epoch, max_steps, eval_every_steps) -> str | None:
@@ -287,10 +283,7 @@ class _Loop:
         if not self.budgeted:
             return False
         finish = (self.report.eval_seconds, self.saver.seconds, self.final_grid)
-        late = self.deadline.end is not None and not self.deadline.leaves_time(
-            step_seconds, *finish
-        )
-        return self.preemption.any_worker(late)
+        return self.preemption.any_worker(not self.deadline.leaves_time(step_seconds, *finish))
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
         """One training step, its loss checked and reported; (seconds, now)."""
@@ -318,7 +311,11 @@ class _Loop:
         return seconds, now
 
 
-def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, rate) -> None:
+def _check_arguments(
+    strategy, dataset_fn, batch_size, precision, max_minutes, rate, clip_norm, counts
+) -> None:
+    """ValueError for a bad binding, before any data is read. counts: (images_to_log,
+    log_images_every, raw_eval_every)."""
     if dataset_fn is gin.REQUIRED or dataset_fn is None:
         raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
     if precision not in (*PRECISIONS, "auto"):
@@ -334,11 +331,9 @@ def _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, r
         raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"train.mutation_rate must be in [0, 1), got {rate!r}")
-
-
-def _check_bindings(clip_norm, log_images_every, raw_eval_every, images_to_log) -> None:
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
+    images_to_log, log_images_every, raw_eval_every = counts
     checks.check_int(images_to_log, "train.images_to_log", minimum=0)
     checks.check_positive_int(log_images_every, "train.log_images_every")
     checks.check_positive_int(raw_eval_every, "train.raw_eval_every")
