@@ -9,8 +9,8 @@ train.l2_weight, Ren et al. 2019; --background-binding changes it further, e.g. 
 smaller network), unless --model-from / --background-from name them,
 on the 4,500 training digits, each as a `pixelcnn single` command with a time budget,
 then scores the 500 test digits against OOD sets built here, offline: constant images, uniform
-noise, inverted test digits, and two sets of glyphs rendered with Pillow's built-in
-font (letters; punctuation and symbols). Every score (negative log-likelihood,
+noise, inverted test digits, two sets of glyphs rendered with Pillow's built-in
+font (letters; punctuation and symbols) and outlined shapes. Every score (negative log-likelihood,
 likelihood ratio, input complexity with PNG, and with WebP, JPEG-XL and JPEG 2000 when
 imagecodecs, the bench extra, is installed) on every set: AUROC, AUPRC, FPR at 95% TPR;
 each set's share of non-zero pixels beside its mean scores; the typicality test over
