@@ -66,7 +66,7 @@ def _train(ctx, kind: str, device: str | None = None) -> None:
     from pixelcnn import train as training
 
     parse_gin(ctx.obj["configs"], ctx.obj["bindings"])
-    run_dir = ctx.obj["run_dir"] or checkpoints.newrun_dir_of()
+    run_dir = ctx.obj["run_dir"] or checkpoints.new_run_dir()
     strategy = distribute.make_strategy(kind, device)
     click.echo(f"run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
     try:

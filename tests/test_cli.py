@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -157,7 +158,8 @@ def test_missing_run_dir_and_checkpoint_are_clear_errors(tmp_path, command):
 @pytest.mark.parametrize("channels", [2])  # 28x28x1 runs in the shipped-config test
 def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monkeypatch, channels):
     """The original README's flow: its MNIST config plus your own train.dataset_fn, with
-    8x8 images of 2 channels and no image_shape binding: the data decides."""
+    8x8 images of 2 channels and no image_shape binding: the data decides. Without
+    --log-dir, the run goes to a new runs/<date-time> of the working directory."""
     module = f"my_data_{channels}"
     (tmp_path / f"{module}.py").write_text(
         "import gin, numpy as np, tensorflow as tf\n"
@@ -168,7 +170,6 @@ def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monk
         "    return ds.batch(batch_size), ds.take(8).batch(batch_size)\n"
     )
     monkeypatch.chdir(tmp_path)  # a module in the working directory, as a user has it
-    run = tmp_path / "run"
     result = invoke(
         "--config",
         ROOT / "experiments" / "mnist.gin",
@@ -179,11 +180,12 @@ def test_the_mnist_config_trains_on_a_custom_dataset_of_any_shape(tmp_path, monk
         *("--binding", "PixelCNNPP.filters = 4", "--binding", "train.max_steps = 1"),
         *("--binding", "PixelCNNPP.residual_layers_per_block = 1"),
         *("--binding", "train.images_to_log = 0", "--binding", "train.batch_size = 8"),
-        "--log-dir",
-        run,
         "single",
     )
     assert result.exit_code == 0, result.output
+    (run,) = (tmp_path / "runs").iterdir()
+    assert re.fullmatch(r"\d{8}-\d{6}", run.name), run.name
+    assert f"run directory: {Path('runs') / run.name} " in result.output
     assert json.loads((run / "model.json").read_text())["image_shape"] == [8, 8, channels]
 
 
