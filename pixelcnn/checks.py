@@ -30,6 +30,35 @@ def check_positive_int(value, name: str) -> int:
     return check_int(value, name, 1)
 
 
+def check_fraction(value, name: str, zero: bool = False) -> float:
+    """value as a float; ValueError naming ``name`` unless it is in (0, 1), or in
+    [0, 1) where ``zero`` allows 0 (a rate that may be off)."""
+    interval, number = "[0, 1)" if zero else "(0, 1)", _number(value)
+    if not ((0.0 <= number if zero else 0.0 < number) and number < 1.0):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
+    return number
+
+
+def check_positive(value, name: str, optional: bool = False) -> float | None:
+    """value as a float (None stays None where ``optional``); ValueError naming
+    ``name`` unless it is a number above 0."""
+    if value is None and optional:
+        return None
+    if not _number(value) > 0:
+        raise ValueError(
+            f"{name} must be positive{' (or None)' if optional else ''}, got {value!r}"
+        )
+    return float(value)
+
+
+def _number(value) -> float:
+    """value as a float; NaN (which fails every range) for what is not a real number
+    (a bool, a string, None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return math.nan
+    return float(value)
+
+
 def check_num_bits(num_bits) -> int:
     """num_bits as an int; ValueError unless it is an integer in [1, 16]."""
     return check_int(num_bits, "num_bits", 1, 16)
@@ -61,9 +90,7 @@ def check_architecture(config) -> tuple[tuple[int, int, int], float]:
     check_int(config.num_bits, "PixelCNNPP: num_bits", 1, 16)
     if config.num_classes is not None:
         check_int(config.num_classes, "PixelCNNPP: num_classes")
-    if not 0.0 <= float(config.dropout_rate) < 1.0:
-        raise ValueError(f"PixelCNNPP: dropout_rate must be in [0, 1), got {config.dropout_rate!r}")
-    return image_shape, float(config.dropout_rate)
+    return image_shape, check_fraction(config.dropout_rate, "PixelCNNPP: dropout_rate", zero=True)
 
 
 # --------------------------------------------------------------------- images

@@ -62,9 +62,7 @@ def split_indices(labels: np.ndarray, test_size: int, seed: int) -> tuple[np.nda
 def _test_size(n: int, test_fraction: float, what: str) -> int:
     """Test images for a fraction in [0, 1): 0 -> none (everything trains, e.g. for
     scoring a folder with the CLI); otherwise at least 1 and at most n - 1."""
-    if not 0.0 <= float(test_fraction) < 1.0:
-        raise ValueError(f"{what}: test_fraction must be in [0, 1), got {test_fraction!r}")
-    if float(test_fraction) == 0.0:
+    if checks.check_fraction(test_fraction, f"{what}: test_fraction", zero=True) == 0.0:
         return 0
     if n < 2:
         raise ValueError(f"{what}: need at least 2 images to split off a test set, got {n}")

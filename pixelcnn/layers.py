@@ -23,6 +23,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from pixelcnn import checks
+
 
 # Crops use tf.slice rather than Python slicing (StridedSlice): the gradient of Slice
 # is a Pad rather than a generic strided copy (benchmarks/speed_ab.py times it).
@@ -128,9 +130,7 @@ class ConcatEluDropout(keras.layers.Layer):
 
     def __init__(self, rate: float, index: int = 0, **kwargs):
         super().__init__(**kwargs)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate!r}")
-        self.rate = float(rate)
+        self.rate = checks.check_fraction(rate, "dropout rate", zero=True)
         self.index = int(index)
         if self.rate > 0:
             self.seed_generator = keras.random.SeedGenerator()

@@ -201,9 +201,8 @@ class TypicalityTest:
 
     def __init__(self, batch_size: int, fpr: float = 0.01, bootstraps: int = 5000, seed=0):
         self.m = checks.check_positive_int(batch_size, "batch_size")
-        if not 0.0 < fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
-        self.fpr, self.bootstraps, self.seed = fpr, int(bootstraps), seed
+        self.fpr = checks.check_fraction(fpr, "fpr")
+        self.bootstraps, self.seed = int(bootstraps), seed
         self.mean = self.epsilon = None
 
     def fit(self, train_nll, held_out_nll) -> TypicalityTest:
@@ -239,9 +238,8 @@ class Detector:
     def __init__(self, scorer: Scorer, score: str = "likelihood_ratio", fpr: float = 0.05):
         if score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if not 0.0 < fpr < 1.0:
-            raise ValueError(f"fpr must be in (0, 1), got {fpr!r}")
-        self.scorer, self.score_name, self.fpr = scorer, score, fpr
+        self.scorer, self.score_name = scorer, score
+        self.fpr = checks.check_fraction(fpr, "fpr")
         self.threshold = None
         self.sources = {}
 

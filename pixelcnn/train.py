@@ -327,12 +327,9 @@ def _check_arguments(
             f"train.batch_size={batch_size} must be divisible by the "
             f"{strategy.num_replicas_in_sync} replicas"
         )
-    if max_minutes is not None and not max_minutes > 0:
-        raise ValueError(f"train.max_minutes must be positive (or None), got {max_minutes!r}")
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"train.mutation_rate must be in [0, 1), got {rate!r}")
-    if clip_norm is not None and not clip_norm > 0:
-        raise ValueError(f"train.clip_norm must be positive (or None), got {clip_norm!r}")
+    checks.check_positive(max_minutes, "train.max_minutes", optional=True)
+    checks.check_fraction(rate, "train.mutation_rate", zero=True)
+    checks.check_positive(clip_norm, "train.clip_norm", optional=True)
     images_to_log, log_images_every, raw_eval_every = counts
     checks.check_int(images_to_log, "train.images_to_log", minimum=0)
     checks.check_positive_int(log_images_every, "train.log_images_every")

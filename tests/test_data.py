@@ -221,6 +221,26 @@ def test_embedded_mnist_bad_arguments():
         data.embedded_mnist(0)
 
 
+def test_number_checks_name_the_setting_and_the_range():
+    from pixelcnn import checks
+
+    assert checks.check_fraction(0.25, "fpr") == 0.25
+    assert checks.check_fraction(0, "rate", zero=True) == 0.0
+    for bad in (0, 1, 1.5, -0.1, float("nan"), "x", None, True):
+        with pytest.raises(ValueError, match=r"fpr must be in \(0, 1\), got"):
+            checks.check_fraction(bad, "fpr")
+    for bad in (1, 1.0, -1e-9, float("inf")):
+        with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got"):
+            checks.check_fraction(bad, "rate", zero=True)
+    assert checks.check_positive(2, "train.clip_norm") == 2.0
+    assert checks.check_positive(None, "train.max_minutes", optional=True) is None
+    for bad in (0, -1, float("nan"), "2", True):
+        with pytest.raises(ValueError, match=r"clip_norm must be positive \(or None\), got"):
+            checks.check_positive(bad, "train.clip_norm", optional=True)
+    with pytest.raises(ValueError, match=r"must be positive, got None"):
+        checks.check_positive(None, "train.clip_norm")
+
+
 def test_gin_binding():
     try:
         gin.parse_config("embedded_mnist.pad_to = 32\nembedded_mnist.test_size = 100")
