@@ -112,14 +112,19 @@ def test_auto_precision_reads_this_machine(capsys):
     assert distribute.resolve_precision("float32") == "float32"
 
 
+# Far above what float16 gradients can carry, yet few halvings from a scale that fits
+# (each halving is a skipped step, and the test's time)
+FIRST_SCALE_EXPONENT = 32
+
+
 @pytest.mark.gpu  # also in benchmarks/gpu.py's run on a GPU
 def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     tmp_path, clean_gin, monkeypatch
 ):
-    """An injected overflow (a first loss scale of 2**127 makes the scaled loss
-    infinite): the loop skips those steps without a NaN stop, counts them, and goes on;
-    the lowered scale is checkpointed, and a resumed run starts from it (from 2**127
-    again it would skip steps anew)."""
+    """An injected overflow (a first loss scale of 2**32 makes the float16 gradients
+    infinite, float16's largest finite value being 65504): the loop skips those steps
+    without a NaN stop, counts them, and goes on; the lowered scale is checkpointed,
+    and a resumed run starts from it (from 2**32 again it would skip steps anew)."""
     import functools
 
     import keras
@@ -130,7 +135,9 @@ def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     monkeypatch.setattr(
         keras.optimizers,
         "LossScaleOptimizer",
-        functools.partial(keras.optimizers.LossScaleOptimizer, initial_scale=2.0**127),
+        functools.partial(
+            keras.optimizers.LossScaleOptimizer, initial_scale=2.0**FIRST_SCALE_EXPONENT
+        ),
     )
     bind_tiny(["train.precision = 'float16'"])
     run = functools.partial(
@@ -147,7 +154,7 @@ def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     assert first["skipped_steps"] >= 1 and first["step"] == 2
     assert np.isfinite(first["test_bits_per_dim"])
     scale = _saved_loss_scale(tmp_path)
-    assert scale == 2.0 ** (127 - first["skipped_steps"])
+    assert scale == 2.0 ** (FIRST_SCALE_EXPONENT - first["skipped_steps"])
     # what a resumed run restores (train() resumes through the same Checkpoints)
     from pixelcnn import checkpoints
     from pixelcnn.trainer import Trainer
@@ -156,7 +163,7 @@ def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
     trainer = Trainer(strategy, lambda dtype: PixelCNNPP(**config, dtype=dtype), 2e-3, 1.0,
                       0.95, 0.9995, 0.99, "float16")  # fmt: skip
-    assert float(trainer.loss_scale) == 2.0**127
+    assert float(trainer.loss_scale) == 2.0**FIRST_SCALE_EXPONENT
     assert checkpoints.Checkpoints(trainer, tmp_path, strategy, keep=2, every_minutes=10).restore()
     assert float(trainer.loss_scale) == scale and int(trainer.step) == 2
 
