@@ -170,10 +170,8 @@ def typicality(scorer, ood, train_images, test, sets) -> list[dict]:
     """Fraction of batches flagged, for M = 1, 5, 10: the fit uses the training digits'
     mean NLL and half of the test digits; the other half gives the false positives."""
     bits = {name: scorer.scores(x, ["nll"])["nll"] for name, x in sets.items()}
-    held, fresh = (
-        scorer.scores(test, ["nll"])["nll"][::2],
-        scorer.scores(test, ["nll"])["nll"][1::2],
-    )
+    test_nll = scorer.scores(test, ["nll"])["nll"]
+    held, fresh = test_nll[::2], test_nll[1::2]
     train_nll = scorer.scores(train_images, ["nll"])["nll"]
     rows = []
     for m in (1, 5, 10):
