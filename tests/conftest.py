@@ -17,7 +17,8 @@ except RuntimeError:  # already initialised by an earlier import; keep what is t
     pass
 
 
-# The test files that take longest, longest first; the rest follow in their usual order.
+# The test files that take longest (test_benchmarks' single long test early, as it cannot
+# be split); the rest follow in their usual order.
 # With --dist loadfile and --no-loadscope-reorder (pyproject.toml) the two workers take
 # files in this order, each as it runs low, so the short files fill in at the end.
 LONGEST_FIRST = (
