@@ -270,8 +270,9 @@ class Deadline:
     evaluation, checkpoint and sample grid, from how long the last ones took (estimated
     from the steps' own time until they have run once)."""
 
-    # kept for a final grid that was never drawn before: a share of the budget, at most
-    # GRID_MAX seconds (the grid's cost does not grow with the budget)
+    # kept for a final grid before any was drawn (the first draw compiles the sampler):
+    # a share of the budget, at most GRID_MAX seconds (its cost does not grow with the
+    # budget); after one, half as much again as that one took
     GRID_SHARE, GRID_MAX = 0.1, 120.0
 
     def __init__(self, start: float, max_minutes: float | None, test_batches: int | None):
@@ -281,11 +282,12 @@ class Deadline:
         self.test_batches = test_batches
         self.first_step = None  # seconds of the first step (its trace included)
 
-    def leaves_time(self, step_seconds: float, eval_seconds, save_seconds, grid=False) -> bool:
+    def leaves_time(
+        self, step_seconds: float, eval_seconds, save_seconds, grid=False, grid_seconds=None
+    ) -> bool:
         """eval_seconds, save_seconds: how long the last evaluation and checkpoint
         took, or None before the first; grid: whether a final sample grid is to be
-        drawn (its first draw compiles the sampler: ``GRID_SHARE`` of the budget, at most
-        ``GRID_MAX`` seconds)."""
+        drawn; grid_seconds: how long the last grid took, None before the first."""
         if self.end is None:
             return True
         if self.first_step is None:  # its time is mostly the trace: no estimate yet
@@ -305,7 +307,9 @@ class Deadline:
         else:
             finish = 0.1 * (self.end - self.start)
         save = _save_estimate(save_seconds)
-        if grid:
+        if grid and grid_seconds is not None:
+            finish += 1.5 * grid_seconds
+        elif grid:
             finish += min(self.GRID_SHARE * (self.end - self.start), self.GRID_MAX)
         # a step's time for the loss's noise, and the process's exit after the return
         margin = max(2.0, 2 * step_seconds) + EXIT_SECONDS

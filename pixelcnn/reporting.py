@@ -79,6 +79,8 @@ class Report:
         self.evaluations, self.samples = [], []
         self.pass_seconds = {}  # how long the last pass of each weights took
         self.skipped_steps = 0  # float16 steps whose gradient overflowed
+        self.grid_seconds = None  # how long the last sample grid took
+        self.grid_step = None  # the step of the weights it was drawn with
 
     def skipped_step(self, step: int) -> None:
         """A step skipped for an overflowing float16 gradient, and the lowered scale."""
@@ -178,6 +180,7 @@ class Report:
         path, grid = done["result"]
         self.summaries.image("samples", grid, step)
         self.samples.append(path)
+        self.grid_seconds, self.grid_step = time.monotonic() - began, step
 
     def result(self, stopped: str) -> dict:
         last = self.evaluations[-1] if self.evaluations else {}

@@ -17,7 +17,7 @@ The bindings of ``train``:
     clip_norm: the global norm each batch's gradient is clipped to (None: not clipped);
     ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
   max_epoch, max_steps, max_minutes: where to stop; the time budget includes the final
-    evaluation, checkpoint and (if none was drawn) sample grid, counted from ``started``
+    evaluation, checkpoint and sample grid of the final weights, counted from ``started``
     (a ``time.time()``: the CLI passes its process's start) or else from the call.
   chkpt_to_keep, checkpoint_every_minutes: checkpoints, also written every epoch, at the
     end and on SIGINT/SIGTERM.
@@ -153,7 +153,8 @@ class _Loop:
         self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
-        self.final_grid = False  # a grid is still to be drawn at the end
+        self.final_grid = False  # a grid of the final weights is drawn at the end
+        self.step_seconds = None  # the last training step's, for the budget
         self.budgeted = False  # whether any worker has a time budget
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
         self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
@@ -223,6 +224,12 @@ class _Loop:
         while stopped is None and distribute.value(trainer.epoch) < max_epoch:
             if max_steps is not None and distribute.value(trainer.step) >= max_steps:
                 break
+            # the epoch's end spent time evaluating, drawing and saving: a next step
+            # may no longer fit (checked before any step, or the final evaluation
+            # would repeat the epoch's for one step more)
+            if self.step_seconds is not None and self.out_of_time(self.step_seconds):
+                stopped = "max_minutes"
+                break
             stopped = self.epoch(max_epoch, max_steps, eval_every_steps)
             if stopped == "max_minutes":  # only the final evaluation and save are left
                 break
@@ -232,7 +239,6 @@ class _Loop:
             self.evaluate()
             epoch = distribute.value(trainer.epoch)
             if stopped is None and epoch % every == 0 and count:
-                self.final_grid = False  # every worker knows, so they keep the same time
                 if self.chief:
                     self.report.log_samples(count, seed, self.stop)
             self.saver.save(f"epoch {epoch}")
@@ -244,13 +250,15 @@ class _Loop:
             self.evaluate(final=True)
         elif "test_bits_per_dim_raw" not in last:  # the final result reports both
             self.evaluate(weights=("raw",))
-        if self.final_grid and self.chief:
+        drawn = self.report.grid_step == distribute.value(trainer.step)
+        if self.final_grid and self.chief and not drawn:
             self.draw_final_grid(count, seed)
         return stopped
 
     def draw_final_grid(self, count: int, seed: int) -> None:
-        """The grid of a run that drew none, in the time the budget kept for it before
-        the last checkpoint (abandoned if it takes longer)."""
+        """The grid of the weights the run ends with (unless an epoch's grid is of
+        them), in the time the budget kept for it before the last checkpoint
+        (abandoned if it takes longer)."""
         left = self.deadline.seconds_left(self.saver.seconds)
         self.report.log_samples(count, seed, self.stop, left)
 
@@ -263,6 +271,7 @@ class _Loop:
             tick = time.monotonic()
             for batch in self.train.next_pass():
                 seconds, tick = self.step(batch, bar, tick)
+                self.step_seconds = seconds
                 step = distribute.value(trainer.step)
                 if eval_every_steps and step % eval_every_steps == 0:
                     self.evaluate()
@@ -282,7 +291,8 @@ class _Loop:
         collective every step when any worker has a budget, ``self.budgeted``)."""
         if not self.budgeted:
             return False
-        finish = (self.report.eval_seconds, self.saver.seconds, self.final_grid)
+        report = self.report
+        finish = (report.eval_seconds, self.saver.seconds, self.final_grid, report.grid_seconds)
         return self.preemption.any_worker(not self.deadline.leaves_time(step_seconds, *finish))
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:

@@ -305,6 +305,40 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
     assert int(latest.rsplit("-", 1)[1]) == 2  # both steps of the epoch are saved
 
 
+def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeypatch):
+    """Grids every 2 epochs of 2 steps: a run of 3 epochs draws one at step 4 and one
+    of its final weights at step 6; a resume to epoch 4 draws the epoch's grid only."""
+    drawn = []
+
+    def fake_grid(model, run_dir, count, seed, step, cancelled=None):
+        drawn.append(step)
+        return f"step_{step}.png", np.zeros((4, 4, 3), np.uint8)
+
+    monkeypatch.setattr(reporting, "log_samples", fake_grid)
+    gin.bind_parameter("train.images_to_log", 2)
+    gin.bind_parameter("train.log_images_every", 2)
+    dataset_fn = plain(images(16), images(8, seed=1))
+    assert train(tmp_path, dataset_fn, max_epoch=3)["samples"] == ["step_4.png", "step_6.png"]
+    assert train(tmp_path, dataset_fn, max_epoch=4)["samples"] == ["step_8.png"]
+    assert drawn == [4, 6, 8]
+
+
+def test_the_budget_is_checked_before_an_epoch_begins(tmp_path, tiny_gin, monkeypatch):
+    """When the epoch's end (evaluation, grid, checkpoint) leaves no time for another
+    step, the run stops there: no step more, and no second evaluation of the weights."""
+    calls = []
+
+    def leaves_time(self, *args, **kwargs):
+        calls.append(args)
+        return len(calls) <= 2  # the epoch's two steps; the next check finds no time
+
+    monkeypatch.setattr(faults.Deadline, "leaves_time", leaves_time)
+    result = train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=3, max_minutes=10)
+    assert result["stopped"] == "max_minutes" and result["step"] == 2 and len(calls) == 3
+    assert [e["step"] for e in result["evaluations"]] == [2]
+    assert "test_bits_per_dim_raw" in result["evaluations"][0]
+
+
 SIGNAL_IN_EVALUATION = """
 import json, os, signal
 import gin
@@ -369,6 +403,8 @@ def test_the_budget_keeps_time_for_the_evaluation_checkpoint_and_a_final_grid(mo
     assert deadline.leaves_time(1.0, 4.0, None)
     # and a final grid: a tenth of the budget (6 s) more
     assert not deadline.leaves_time(1.0, 4.0, None, grid=True)
+    # after a grid was drawn: half as much again as it took (2 s: 3 s kept)
+    assert deadline.leaves_time(1.0, 4.0, None, grid=True, grid_seconds=2.0)
     now[0] = 1030.0
     assert deadline.leaves_time(1.0, 4.0, None, grid=True)
     # what is left for the grid once the checkpoint and exit are counted
