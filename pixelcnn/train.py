@@ -24,7 +24,8 @@ The bindings of ``train``:
   eval_every_steps: evaluations besides each epoch's; raw_eval_every: the raw (training)
     weights are scored at every that-many-th evaluation and the last (the EMA weights at
     every one).
-  images_to_log every log_images_every epochs: sample grids (0: none).
+  images_to_log every log_images_every epochs, and of the final weights at the end: sample
+    grids (0: none).
   precision: "float32", "bfloat16" or "float16" (mixed: weights, EMA, optimizer state
     and the likelihood stay float32; float16 scales the loss dynamically and skips a
     step whose gradient overflows, counted in TensorBoard as train/skipped_steps) or

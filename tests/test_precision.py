@@ -45,7 +45,12 @@ def train_and_evaluate(precision, train_images, test_images, steps=100, batch=32
     trainer.initialize(to_x(train_images[:batch]))
     ds = tf.data.Dataset.from_tensor_slices(train_images).repeat().batch(batch).take(steps)
     for b in ds:
-        trainer.train_step({"images": to_x(b)})
+        # float16 skips a step whose gradient overflowed and lowers its loss scale (10 of
+        # the first 100 on one CPU): the batch is given again, so every precision makes
+        # the same updates from the same batches
+        for _ in range(64):
+            if bool(trainer.train_step({"images": to_x(b)})[2]):
+                break
     test = (
         tf.data.Dataset.from_tensor_slices(test_images)
         .batch(128)
