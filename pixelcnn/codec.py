@@ -15,9 +15,10 @@ builds the probability tables in float64 NumPy, then codes the known values (enc
 decodes them (decoder), and returns them as the pixel's value. The decoder therefore
 sees the same network inputs, hence the same float32 outputs and tables, as the encoder,
 provided the software and hardware stack is the same (``STACK_FIELDS``: TensorFlow,
-constriction and NumPy versions, CPU and GPU models, thread count, op determinism): the
-file records it, decoding on another stack warns first, and the SHA-256 of the original
-pixels it stores decides whether a decode is right.
+constriction and NumPy versions, CPU and GPU models, the CPU's vector instruction sets,
+thread count, op determinism): the file records it, decoding on another stack warns
+first, and the SHA-256 of the original pixels it stores decides whether a decode is
+right.
 
 File format (version 1), little-endian:
 
@@ -244,10 +245,24 @@ def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
     return digest.hexdigest()
 
 
-def device_description() -> str:
-    """What the probabilities were computed on: the CPU model, and the GPUs' models
-    when TensorFlow sees any (the network then runs on the first)."""
+# The CPU's vector instruction sets that decide which kernels TensorFlow and oneDNN run,
+# hence the float32 rounding of the network's outputs. A virtual machine may report
+# only a vendor ("AMD EPYC") as its model name, so the model alone does not tell an
+# AVX2 machine from an AVX-512 one.
+KERNEL_CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
+
+
+def device_description(flags: set[str] | None = None) -> str:
+    """What the probabilities were computed on: the CPU model and its kernel-deciding
+    flags (``KERNEL_CPU_FLAGS``; the CPU's own by default), and the GPUs' models when
+    TensorFlow sees any (the network then runs on the first)."""
     cpu = distribute.cpu_info("model name") or platform.processor() or platform.machine()
+    flags = distribute.cpu_flags() if flags is None else flags
+    if flags is not None:
+        cpu += f" ({' '.join(f for f in KERNEL_CPU_FLAGS if f in flags) or 'no AVX2'})"
     gpus = [
         tf.config.experimental.get_device_details(g).get("device_name", g.name)
         for g in tf.config.list_physical_devices("GPU")

@@ -148,6 +148,17 @@ def test_another_stack_is_warned_about_before_decoding(coded):
     np.testing.assert_array_equal(out, images)
 
 
+def test_the_recorded_device_tells_cpus_apart_by_their_kernels_instruction_sets():
+    """Two CPUs that report the same model name ("AMD EPYC" in a virtual machine) but
+    run different kernels (AVX2 or AVX-512) round differently: the header must tell
+    them apart, so that decoding on the other warns first."""
+    avx2 = codec.device_description({"avx2", "fma", "sse4_2"})
+    avx512 = codec.device_description({"avx2", "fma", "avx512f", "avx512_bf16"})
+    assert avx2 != avx512
+    assert avx2.endswith("(avx2 fma)") and "avx512f avx512_bf16" in avx512
+    assert codec.device_description(set()).endswith("(no AVX2)")
+
+
 def test_two_threads_code_with_one_model_at_once():
     """Encoding is re-entrant: each call codes with its own coder through the model's
     shared compiled program, so a service can compress two requests at once."""
