@@ -154,7 +154,6 @@ class _Loop:
         self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
         self.saver = self.report = self.stop = self.preemption = None
-        self.final_grid = False  # a grid of the final weights is drawn at the end
         self.step_seconds = None  # the last training step's, for the budget
         self.budgeted = False  # whether any worker has a time budget
         self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
@@ -206,7 +205,6 @@ class _Loop:
         """Trains until the end; returns why it stopped earlier ("max_steps",
         "max_minutes") or None. A signal raises faults.SignalReceived."""
         trainer, count, every, seed = self.trainer, *self.samples
-        self.final_grid = count > 0
         # every worker agrees whether to check the budget each step (a worker without
         # one must still join the others' collective)
         self.budgeted = self.preemption.any_worker(self.deadline.end is not None)
@@ -252,7 +250,7 @@ class _Loop:
         elif "test_bits_per_dim_raw" not in last:  # the final result reports both
             self.evaluate(weights=("raw",))
         drawn = self.report.grid_step == distribute.value(trainer.step)
-        if self.final_grid and self.chief and not drawn:
+        if count and self.chief and not drawn:
             self.draw_final_grid(count, seed)
         return stopped
 
@@ -293,7 +291,8 @@ class _Loop:
         if not self.budgeted:
             return False
         report = self.report
-        finish = (report.eval_seconds, self.saver.seconds, self.final_grid, report.grid_seconds)
+        grid = self.samples[0] > 0  # a grid of the final weights is drawn at the end
+        finish = (report.eval_seconds, self.saver.seconds, grid, report.grid_seconds)
         return self.preemption.any_worker(not self.deadline.leaves_time(step_seconds, *finish))
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
