@@ -101,10 +101,7 @@ def pad_images(images: np.ndarray, pad_to: int | None) -> np.ndarray:
     if pad_to is None:
         return images
     _, h, w, _ = images.shape
-    if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to < max(h, w):
-        raise ValueError(
-            f"pad_to must be an integer >= {max(h, w)} (the image size), got {pad_to!r}"
-        )
+    pad_to = checks.check_int(pad_to, "pad_to (at least the image size)", minimum=max(h, w))
     top, left = (pad_to - h) // 2, (pad_to - w) // 2
     return np.pad(images, [(0, 0), (top, pad_to - h - top), (left, pad_to - w - left), (0, 0)])
 
@@ -130,6 +127,15 @@ def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
         return ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
 
     return pipeline(*train, shuffle=True), pipeline(*test, shuffle=False)
+
+
+def split_datasets(images, labels, test_size: int, batch_size: int, seed: int) -> Datasets:
+    """``make_datasets`` of in-memory images and labels [N], ``test_size`` of them held
+    out by ``split_indices`` (stratified by label, seeded)."""
+    train, test = split_indices(labels, test_size, seed)
+    return make_datasets(
+        (images[train], labels[train]), (images[test], labels[test]), batch_size, seed
+    )
 
 
 # --------------------------------------------------------------------- built-in datasets
@@ -184,23 +190,9 @@ def embedded_mnist(
       in [0, 10)), S = 28 or pad_to.
     """
     images, labels = load_embedded_mnist()
-    if (
-        isinstance(test_size, bool)
-        or not isinstance(test_size, (int, np.integer))
-        or not (1 <= test_size < len(images))
-    ):
-        raise ValueError(
-            f"embedded_mnist: test_size must be an integer in [1, {len(images)}), got {test_size!r}"
-        )
+    test_size = checks.check_int(test_size, "embedded_mnist: test_size", 1, len(images) - 1)
     # The file is sorted by label: split stratified after a seeded shuffle.
-    train_idx, test_idx = split_indices(labels, int(test_size), seed)
-    images = pad_images(images, pad_to)
-    return make_datasets(
-        (images[train_idx], labels[train_idx]),
-        (images[test_idx], labels[test_idx]),
-        batch_size,
-        seed,
-    )
+    return split_datasets(pad_images(images, pad_to), labels, test_size, batch_size, seed)
 
 
 def _offline_error(name: str, err: Exception, how: str) -> FileNotFoundError:
@@ -244,16 +236,14 @@ def mnist(
                 "keras.datasets.mnist (keys x_train, y_train, x_test, y_test)"
             )
         with _open(path) as f, np.load(f, allow_pickle=False) as data:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in data]
+            keys = ("x_train", "y_train", "x_test", "y_test")
+            missing = [k for k in keys if k not in data]
             if missing:
                 raise ValueError(
                     f"mnist: {path} lacks keys {missing} (has {sorted(data.files)}); expected "
                     "the keras.datasets.mnist file with x_train, y_train, x_test, y_test"
                 )
-            (x_train, y_train), (x_test, y_test) = (
-                (data["x_train"], data["y_train"]),
-                (data["x_test"], data["y_test"]),
-            )
+            x_train, y_train, x_test, y_test = (data[k] for k in keys)
     else:
         try:
             (x_train, y_train), (x_test, y_test) = keras.datasets.mnist.load_data()
@@ -366,15 +356,8 @@ def image_folder(
       labels int32 [B]).
     """
     images, labels = files.load_image_folder(path, image_shape)
-    train_idx, test_idx = split_indices(
-        labels, _test_size(len(images), test_fraction, "image_folder"), seed
-    )
-    return make_datasets(
-        (images[train_idx], labels[train_idx]),
-        (images[test_idx], labels[test_idx]),
-        batch_size,
-        seed,
-    )
+    test_size = _test_size(len(images), test_fraction, "image_folder")
+    return split_datasets(images, labels, test_size, batch_size, seed)
 
 
 def npz_has_labels(path: str, labels_key: str = "labels") -> bool:
@@ -448,10 +431,5 @@ def npz(
                 f"{test_images.shape[1:]}"
             )
         return make_datasets((images, labels), (test_images, test_labels), batch_size, seed)
-    train_idx, test_idx = split_indices(labels, _test_size(len(images), test_fraction, "npz"), seed)
-    return make_datasets(
-        (images[train_idx], labels[train_idx]),
-        (images[test_idx], labels[test_idx]),
-        batch_size,
-        seed,
-    )
+    test_size = _test_size(len(images), test_fraction, "npz")
+    return split_datasets(images, labels, test_size, batch_size, seed)

@@ -96,27 +96,19 @@ def train(
     _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
                      clip_norm, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
-    options = dict(
-        seed=seed,
-        l2_weight=l2_weight,
-        warmup_steps=checks.check_int(warmup_steps, "train.warmup_steps", minimum=0),
-        clip_norm=clip_norm,
-        jit_compile=bool(jit_compile),
-    )
+    warmup_steps = checks.check_int(warmup_steps, "train.warmup_steps", minimum=0)
+    options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps,
+                   clip_norm=clip_norm, jit_compile=bool(jit_compile))  # fmt: skip
     trainer, train_ds, test_ds, init = _build(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )
-    loop = _Loop(trainer, os.fspath(run_dir), test_ds, (start, max_minutes), batch_size, progress)
+    samples = (images_to_log, log_images_every, seed)
+    loop = _Loop(trainer, os.fspath(run_dir), test_ds, (start, max_minutes), batch_size,
+                 (progress, samples, mutation_rate, raw_eval_every))  # fmt: skip
     try:
         loop.set_up(init, init_batch_size, (chkpt_to_keep, checkpoint_every_minutes))
-        loop.samples, loop.mutation_rate = (images_to_log, log_images_every, seed), mutation_rate
-        loop.raw_eval_every = raw_eval_every
-        with (
-            faults.StopRequested() as stop,
-            faults.stopping(strategy, loop.saver, stop) as preemption,
-        ):
-            loop.stop, loop.preemption = stop, preemption
-            stopped = loop.run(train_ds, max_epoch, max_steps, eval_every_steps)
+        with faults.StopRequested() as stop, faults.stopping(strategy, loop.saver, stop) as ends:
+            stopped = loop.run(train_ds, (max_epoch, max_steps, eval_every_steps), stop, ends)
         return loop.finish(stopped, max_minutes)
     finally:
         loop.close()
@@ -145,19 +137,22 @@ class _Loop:
     """The epochs of one ``train`` invocation: steps, evaluations, checkpoints, sample
     grids, and where to stop (``max_epoch``, ``max_steps``, the time budget, a signal)."""
 
-    def __init__(self, trainer, run_dir: str, test_ds, budget, batch_size, progress):
-        """budget: (start, a time.monotonic(); train.max_minutes or None)."""
-        self.trainer, self.run_dir, self.progress = trainer, run_dir, progress
-        self.start, self.batch_size = budget[0], batch_size
+    def __init__(self, trainer, run_dir: str, test_ds, budget, batch_size, settings):
+        """budget: (start, a time.monotonic(); train.max_minutes or None). settings:
+        (progress bar or not, (images_to_log, log_images_every, seed), mutation_rate,
+        raw_eval_every)."""
+        self.trainer, self.run_dir, self.batch_size = trainer, run_dir, batch_size
+        self.progress, self.samples, self.mutation_rate, self.raw_eval_every = settings
+        self.start = budget[0]
         self.chief = distribute.is_chief(trainer.strategy)
         self.test = passes.Passes(trainer.strategy, test_ds)
         self.deadline = faults.Deadline(*budget, self.test.batches)
         self.train = None  # the training split's Passes, from run()
-        self.saver = self.report = self.stop = self.preemption = None
+        self.saver = self.report = None  # from set_up()
+        self.stop = self.preemption = None  # from run(): faults.StopRequested, faults.stopping
         self.step_seconds = None  # the last training step's, for the budget
         self.budgeted = False  # whether any worker has a time budget
-        self.mutation_rate, self.raw_eval_every, self.evaluations = 0.0, 1, 0
-        self.samples = (16, 1, 0)  # images_to_log, log_images_every, seed
+        self.evaluations = 0
 
     def set_up(self, init, init_batch_size: int, keep) -> None:
         """Records the config, then restores the newest good checkpoint, or runs the
@@ -201,9 +196,13 @@ class _Loop:
             weights = ("ema", "raw") if raw else ("ema",)
         self.report.evaluate(self.images, self.preemption.should_stop, weights)
 
-    def run(self, train_ds, max_epoch, max_steps, eval_every_steps) -> str | None:
+    def run(self, train_ds, limits, stop, preemption) -> str | None:
         """Trains until the end; returns why it stopped earlier ("max_steps",
-        "max_minutes") or None. A signal raises faults.SignalReceived."""
+        "max_minutes") or None. A signal raises faults.SignalReceived. limits:
+        (max_epoch, max_steps, eval_every_steps); stop, preemption: the signals'
+        ``faults.StopRequested`` and ``faults.stopping``'s handler."""
+        max_epoch, max_steps, eval_every_steps = limits
+        self.stop, self.preemption = stop, preemption
         trainer, count, every, seed = self.trainer, *self.samples
         # every worker agrees whether to check the budget each step (a worker without
         # one must still join the others' collective)
