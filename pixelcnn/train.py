@@ -143,7 +143,6 @@ class _Loop:
         raw_eval_every)."""
         self.trainer, self.run_dir, self.batch_size = trainer, run_dir, batch_size
         self.progress, self.samples, self.mutation_rate, self.raw_eval_every = settings
-        self.start = budget[0]
         self.chief = distribute.is_chief(trainer.strategy)
         self.test = passes.Passes(trainer.strategy, test_ds)
         self.deadline = faults.Deadline(*budget, self.test.batches)
@@ -167,7 +166,9 @@ class _Loop:
         # steps before a resume are counted as full batches
         self.images = distribute.value(trainer.step) * self.batch_size
         summaries = reporting.Summaries(self.run_dir, self.chief)  # training starts now
-        self.report = reporting.Report(trainer, self.test, summaries, self.run_dir, self.start)
+        self.report = reporting.Report(
+            trainer, self.test, summaries, self.run_dir, self.deadline.start
+        )
 
     def close(self) -> None:
         """Lets the data's iterators go (``passes.Passes.close``)."""
