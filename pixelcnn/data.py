@@ -189,10 +189,20 @@ def embedded_mnist(
       (train, test) datasets of (images uint8 [B, S, S, 1] in [0, 255], labels int32 [B]
       in [0, 10)), S = 28 or pad_to.
     """
+    return make_datasets(*embedded_mnist_split(test_size, pad_to, seed), batch_size, seed)
+
+
+def embedded_mnist_split(test_size: int = 500, pad_to: int | None = None, seed: int = 0):
+    """The arrays behind ``embedded_mnist`` with the same arguments: ((train images,
+    labels), (test images, labels)), images uint8 [N, S, S, 1], labels uint8 [N], the
+    test images in the order its test dataset yields them (for scripts that score the
+    split a run was evaluated on)."""
     images, labels = load_embedded_mnist()
     test_size = checks.check_int(test_size, "embedded_mnist: test_size", 1, len(images) - 1)
     # The file is sorted by label: split stratified after a seeded shuffle.
-    return split_datasets(pad_images(images, pad_to), labels, test_size, batch_size, seed)
+    train, test = split_indices(labels, test_size, seed)
+    images = pad_images(images, pad_to)
+    return (images[train], labels[train]), (images[test], labels[test])
 
 
 def _offline_error(name: str, err: Exception, how: str) -> FileNotFoundError:

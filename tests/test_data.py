@@ -164,6 +164,19 @@ def test_embedded_mnist_split_and_shapes():
     check_batch(test, (28, 28, 1), 8, num_classes=10, split="test")
 
 
+def test_embedded_mnist_split_is_what_the_datasets_yield():
+    (train_images, train_labels), (test_images, test_labels) = data.embedded_mnist_split(
+        300, pad_to=32, seed=1
+    )
+    assert train_images.shape == (4700, 32, 32, 1) and test_images.shape == (300, 32, 32, 1)
+    train, test = data.embedded_mnist(64, 300, pad_to=32, seed=1)
+    images, labels = zip(*[(images.numpy(), labels.numpy()) for images, labels in test])
+    np.testing.assert_array_equal(np.concatenate(images), test_images)
+    np.testing.assert_array_equal(np.concatenate(labels), test_labels)
+    assert image_hashes(train) == image_hashes([(tf.constant(train_images), None)])
+    assert np.bincount(train_labels).tolist() == [470] * 10
+
+
 def test_split_indices_disjoint_and_stratified():
     labels = np.repeat(np.arange(10), 500)
     train_idx, test_idx = data.split_indices(labels, 500, seed=0)
