@@ -129,13 +129,16 @@ def make_datasets(train, test, batch_size: int, seed: int = 0) -> Datasets:
     return pipeline(*train, shuffle=True), pipeline(*test, shuffle=False)
 
 
-def split_datasets(images, labels, test_size: int, batch_size: int, seed: int) -> Datasets:
-    """``make_datasets`` of in-memory images and labels [N], ``test_size`` of them held
-    out by ``split_indices`` (stratified by label, seeded)."""
+def split_arrays(images, labels, test_size: int, seed: int):
+    """In-memory images and labels [N] as ((train images, labels), (test images,
+    labels)), ``test_size`` of them held out by ``split_indices`` (stratified, seeded)."""
     train, test = split_indices(labels, test_size, seed)
-    return make_datasets(
-        (images[train], labels[train]), (images[test], labels[test]), batch_size, seed
-    )
+    return (images[train], labels[train]), (images[test], labels[test])
+
+
+def split_datasets(images, labels, test_size: int, batch_size: int, seed: int) -> Datasets:
+    """``make_datasets`` of ``split_arrays``."""
+    return make_datasets(*split_arrays(images, labels, test_size, seed), batch_size, seed)
 
 
 # --------------------------------------------------------------------- built-in datasets
@@ -200,9 +203,7 @@ def embedded_mnist_split(test_size: int = 500, pad_to: int | None = None, seed: 
     images, labels = load_embedded_mnist()
     test_size = checks.check_int(test_size, "embedded_mnist: test_size", 1, len(images) - 1)
     # The file is sorted by label: split stratified after a seeded shuffle.
-    train, test = split_indices(labels, test_size, seed)
-    images = pad_images(images, pad_to)
-    return (images[train], labels[train]), (images[test], labels[test])
+    return split_arrays(pad_images(images, pad_to), labels, test_size, seed)
 
 
 def _offline_error(name: str, err: Exception, how: str) -> FileNotFoundError:

@@ -170,9 +170,9 @@ def test_embedded_mnist_split_is_what_the_datasets_yield():
     )
     assert train_images.shape == (4700, 32, 32, 1) and test_images.shape == (300, 32, 32, 1)
     train, test = data.embedded_mnist(64, 300, pad_to=32, seed=1)
-    images, labels = zip(*[(images.numpy(), labels.numpy()) for images, labels in test])
-    np.testing.assert_array_equal(np.concatenate(images), test_images)
-    np.testing.assert_array_equal(np.concatenate(labels), test_labels)
+    yielded_images, yielded_labels = zip(*[(x.numpy(), y.numpy()) for x, y in test])
+    np.testing.assert_array_equal(np.concatenate(yielded_images), test_images)
+    np.testing.assert_array_equal(np.concatenate(yielded_labels), test_labels)
     assert image_hashes(train) == image_hashes([(tf.constant(train_images), None)])
     assert np.bincount(train_labels).tolist() == [470] * 10
 
