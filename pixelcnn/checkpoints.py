@@ -5,7 +5,8 @@ run_dir/
   config.gin             the parsed gin config (written at start-up)
   operative_config.gin   the values the run actually used (start-up, after building)
   model.json             the model's constructor arguments (and training precision)
-  metrics.json           the last evaluation, every evaluation, the samples (at exit)
+  metrics.json           the last evaluation, every evaluation, the samples (rewritten at
+                         each evaluation, at exit and at a signal; a resume keeps its history)
   checkpoints/           tf.train.Checkpoint: model, ema, optimizer, step, epoch;
   train/, eval/, eval_raw/  TensorBoard summaries
   samples/               PNG sample grids
@@ -46,6 +47,27 @@ def write_config(run_dir: str, model: PixelCNNPP, precision: str) -> None:
     files.write_atomic(os.path.join(run_dir, "operative_config.gin"), gin.operative_config_str())
     summary = model.config_summary() | {"precision": precision}
     files.write_atomic(os.path.join(run_dir, "model.json"), json.dumps(summary, indent=2) + "\n")
+
+
+def metrics_path(run_dir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(run_dir), "metrics.json")
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict | None:
+    """The run's metrics.json (``reporting.Report`` writes it), or None where it has
+    none. Raises ValueError, naming the file, where it is not a JSON object."""
+    path = metrics_path(run_dir)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        text = f.read()
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise ValueError(f"{path} holds a {type(metrics).__name__}, not a JSON object")
+    return metrics
 
 
 def model_config(run_dir: str) -> ModelConfig:

@@ -4,6 +4,7 @@ summaries, sample grids and metrics.json."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import distribute, faults, files, sampling
+from pixelcnn import checkpoints, distribute, faults, files, sampling
 from pixelcnn.trainer import WEIGHTS
 
 
@@ -71,12 +72,15 @@ def log_samples(
 class Report:
     """What one invocation of train() measured: evaluations, samples, the train loss."""
 
-    def __init__(self, trainer, test, summaries: Summaries, run_dir: str, start: float):
-        """test: the test split's ``passes.Passes``."""
+    def __init__(self, trainer, test, summaries: Summaries, run_dir: str, start: float, chief):
+        """test: the test split's ``passes.Passes``; chief: whether this worker writes
+        metrics.json."""
         self.trainer, self.test = trainer, test
         self.summaries, self.run_dir, self.start = summaries, run_dir, start
+        self.chief = chief
         self.train_bits_per_dim = None
-        self.evaluations, self.samples = [], []
+        self.evaluations, self.samples = [], []  # this invocation's
+        self.earlier = {"evaluations": [], "samples": []}  # a resumed run's, from metrics.json
         self.pass_seconds = {}  # how long the last pass of each weights took
         self.skipped_steps = 0  # float16 steps whose gradient overflowed
         self.grid_seconds = None  # how long the last sample grid took
@@ -126,6 +130,7 @@ class Report:
             entry[f"eval_seconds_{w}"] = round(self.pass_seconds[w], 2)
         entry["seconds"] = round(time.monotonic() - self.start, 1)
         self.evaluations.append(entry)
+        self.write(self.result(None))  # a run killed later keeps what it measured
         scored = [
             f"{entry[f'test_bits_per_dim_{w}']:.4f} ({w} weights)"
             for w in WEIGHTS
@@ -182,8 +187,30 @@ class Report:
         self.samples.append(path)
         self.grid_seconds, self.grid_step = time.monotonic() - began, step
 
-    def result(self, stopped: str) -> dict:
+    def resume(self, step: int) -> None:
+        """A run resumed at ``step``: its metrics.json goes on from the evaluations up to
+        that step and the sample grids that earlier invocations recorded there (later
+        evaluations were of weights no checkpoint kept; they are made again). A
+        metrics.json that cannot be read is set aside as metrics.json.unreadable."""
+        if not self.chief:
+            return
+        try:
+            earlier = checkpoints.read_metrics(self.run_dir) or {}
+        except ValueError as e:
+            path = checkpoints.metrics_path(self.run_dir)
+            tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
+            print(f"{e}: moved to {path}.unreadable; metrics.json starts afresh")
+            return
+        evaluations = [e for e in earlier.get("evaluations", []) if e["step"] <= step]
+        self.earlier = {"evaluations": evaluations, "samples": earlier.get("samples", [])}
+
+    def result(self, stopped: str | None) -> dict:
+        """The run's metrics: the last evaluation, every evaluation and sample grid
+        (a resumed run's earlier ones first), the train loss; ``stopped``: why it ended
+        (None while it goes on)."""
         last = self.evaluations[-1] if self.evaluations else {}
+        first = self.evaluations[0]["step"] if self.evaluations else math.inf
+        earlier = [e for e in self.earlier["evaluations"] if e["step"] < first]
         return {
             "step": distribute.value(self.trainer.step),
             "epoch": distribute.value(self.trainer.epoch),
@@ -191,12 +218,14 @@ class Report:
             "test_bits_per_dim": last.get("test_bits_per_dim_ema"),
             "test_bits_per_dim_raw": last.get("test_bits_per_dim_raw"),
             "skipped_steps": self.skipped_steps,
-            "evaluations": self.evaluations,
-            "samples": self.samples,
+            "evaluations": earlier + self.evaluations,
+            "samples": list(dict.fromkeys(self.earlier["samples"] + self.samples)),
             "stopped": stopped,
         }
 
     def write(self, result: dict) -> None:
-        """metrics.json in the run directory."""
-        path = os.path.join(self.run_dir, "metrics.json")
-        files.write_atomic(path, json.dumps(result, indent=2) + "\n")
+        """metrics.json in the run directory (by the chief only)."""
+        if self.chief:
+            files.write_atomic(
+                checkpoints.metrics_path(self.run_dir), json.dumps(result, indent=2) + "\n"
+            )

@@ -225,9 +225,7 @@ def export(
         run_dir = os.fspath(source)
         model, ckpt = checkpoints.load_for_inference(run_dir, checkpoint, use_ema)
         where = f"{run_dir} ({'EMA' if use_ema else 'raw'} weights)"
-        if gfile.exists(os.path.join(run_dir, "metrics.json")):
-            with gfile.GFile(os.path.join(run_dir, "metrics.json")) as f:
-                metrics = json.load(f)
+        metrics = checkpoints.read_metrics(run_dir)
     serving = _Serving(model, batch)
     summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
     readme = _readme(model, where, str(ckpt), metrics, batch)

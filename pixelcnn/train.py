@@ -89,7 +89,8 @@ def train(
     ``dataset_fn(batch_size) -> (train, test)``; a ``run_dir`` with checkpoints resumes.
     Every argument after ``strategy`` is a gin binding (the module docstring says what
     each does). Returns {"step", "epoch", "train_bits_per_dim", "test_bits_per_dim"
-    (EMA), "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}. The data's
+    (EMA), "test_bits_per_dim_raw", "evaluations", "samples", "stopped"}, as in
+    metrics.json (a resumed run's earlier evaluations and grids first). The data's
     iterators stay alive until the process exits (``pixelcnn.passes``).
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
@@ -110,6 +111,9 @@ def train(
         with faults.StopRequested() as stop, faults.stopping(strategy, loop.saver, stop) as ends:
             stopped = loop.run(train_ds, (max_epoch, max_steps, eval_every_steps), stop, ends)
         return loop.finish(stopped, max_minutes)
+    except faults.TrainingInterrupted:
+        loop.interrupted()
+        raise
     finally:
         loop.close()
 
@@ -161,14 +165,17 @@ class _Loop:
         if self.chief:
             checkpoints.write_config(self.run_dir, trainer.model, trainer.precision)
         self.saver = checkpoints.Checkpoints(trainer, self.run_dir, trainer.strategy, *keep)
-        if not self.saver.restore():
+        restored = self.saver.restore()
+        if not restored:
             trainer.initialize(*(t if t is None else t[:init_batch_size] for t in init))
         # steps before a resume are counted as full batches
         self.images = distribute.value(trainer.step) * self.batch_size
         summaries = reporting.Summaries(self.run_dir, self.chief)  # training starts now
         self.report = reporting.Report(
-            trainer, self.test, summaries, self.run_dir, self.deadline.start
+            trainer, self.test, summaries, self.run_dir, self.deadline.start, self.chief
         )
+        if restored:
+            self.report.resume(distribute.value(trainer.step))
 
     def close(self) -> None:
         """Lets the data's iterators go (``passes.Passes.close``)."""
@@ -184,9 +191,13 @@ class _Loop:
         result = self.report.result(stopped or "finished")
         if stopped == "max_minutes":
             print(f"stopped at step {result['step']} to fit train.max_minutes = {max_minutes}")
-        if self.chief:
-            self.report.write(result)
+        self.report.write(result)
         return result
+
+    def interrupted(self) -> None:
+        """metrics.json of a run stopped by a signal (its evaluations so far)."""
+        if self.report is not None:
+            self.report.write(self.report.result("interrupted"))
 
     def evaluate(self, final: bool = False, weights=None) -> None:
         """An evaluation: the EMA weights, and the raw ones every ``raw_eval_every``-th

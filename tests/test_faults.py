@@ -286,10 +286,11 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
     abandoned at a signal: the weights are saved and the run exits within a second."""
     import threading
 
-    signalled, finished = [], threading.Event()
+    signalled, finished, on_disk = [], threading.Event(), []
 
     def slow_grid(*args):
         signalled.append(time.monotonic())
+        on_disk.append(json.loads((tmp_path / "metrics.json").read_text()))
         os.kill(os.getpid(), signal.SIGTERM)
         finished.wait(60)  # a long compile, in the drawing thread
 
@@ -303,6 +304,12 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
         finished.set()
     latest = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
     assert int(latest.rsplit("-", 1)[1]) == 2  # both steps of the epoch are saved
+    # metrics.json held the epoch's evaluation before the grid began, and says why it ended
+    assert [e["step"] for e in on_disk[0]["evaluations"]] == [2] and on_disk[0]["stopped"] is None
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (
+        metrics["stopped"] == "interrupted" and metrics["evaluations"] == on_disk[0]["evaluations"]
+    )
 
 
 def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeypatch):
@@ -319,8 +326,31 @@ def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeyp
     gin.bind_parameter("train.log_images_every", 2)
     dataset_fn = plain(images(16), images(8, seed=1))
     assert train(tmp_path, dataset_fn, max_epoch=3)["samples"] == ["step_4.png", "step_6.png"]
-    assert train(tmp_path, dataset_fn, max_epoch=4)["samples"] == ["step_8.png"]
+    resumed = train(tmp_path, dataset_fn, max_epoch=4)  # metrics.json keeps the earlier grids
+    assert resumed["samples"] == ["step_4.png", "step_6.png", "step_8.png"]
     assert drawn == [4, 6, 8]
+
+
+def test_a_resumed_runs_metrics_json_keeps_its_history(tmp_path, tiny_gin, capsys):
+    """A resume keeps the evaluations up to its checkpoint's step (not one made after
+    it, of weights no checkpoint kept); an unreadable metrics.json is set aside."""
+    dataset_fn = plain(images(16), images(8, seed=1))
+    first = train(tmp_path, dataset_fn, max_epoch=1)["evaluations"]
+    path = tmp_path / "metrics.json"
+    metrics = json.loads(path.read_text())
+    assert metrics["evaluations"] == first and [e["step"] for e in first] == [2]
+    lost = dict(first[0], step=3, test_bits_per_dim_ema=99.0)  # after the last checkpoint
+    path.write_text(json.dumps(dict(metrics, evaluations=[*first, lost], stopped=None)))
+    resumed = train(tmp_path, dataset_fn, max_epoch=2)
+    assert resumed["evaluations"][0] == first[0] and [
+        e["step"] for e in resumed["evaluations"]
+    ] == [2, 4]
+    assert json.loads(path.read_text()) == json.loads(json.dumps(resumed))
+    path.write_text("{")
+    again = train(tmp_path, dataset_fn, max_epoch=3)
+    assert "is not JSON" in capsys.readouterr().out
+    assert (tmp_path / "metrics.json.unreadable").read_text() == "{"
+    assert [e["step"] for e in again["evaluations"]] == [6]
 
 
 def test_the_budget_is_checked_before_an_epoch_begins(tmp_path, tiny_gin, monkeypatch):
