@@ -55,7 +55,8 @@ def metrics_path(run_dir: str | os.PathLike) -> str:
 
 def read_metrics(run_dir: str | os.PathLike) -> dict | None:
     """The run's metrics.json (``reporting.Report`` writes it), or None where it has
-    none. Raises ValueError, naming the file, where it is not a JSON object."""
+    none. Raises ValueError, naming the file, where it is not JSON or its evaluations
+    and grids are not lists of entries with steps and of paths."""
     path = metrics_path(run_dir)
     if not tf.io.gfile.exists(path):
         return None
@@ -65,8 +66,13 @@ def read_metrics(run_dir: str | os.PathLike) -> dict | None:
         metrics = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e})") from None
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{path} holds a {type(metrics).__name__}, not a JSON object")
+    evaluations = metrics.get("evaluations", []) if isinstance(metrics, dict) else None
+    samples = metrics.get("samples", []) if isinstance(metrics, dict) else None
+    steps = isinstance(evaluations, list) and all(
+        isinstance(e, dict) and isinstance(e.get("step"), int) for e in evaluations
+    )
+    if not (steps and isinstance(samples, list) and all(isinstance(p, str) for p in samples)):
+        raise ValueError(f"{path} is not a run's metrics (evaluations with steps, grids' paths)")
     return metrics
 
 

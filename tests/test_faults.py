@@ -331,6 +331,16 @@ def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeyp
     assert drawn == [4, 6, 8]
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["{", "[]", '{"evaluations": [1]}', '{"evaluations": [{"step": "2"}]}', '{"samples": [2]}'],
+)
+def test_a_damaged_metrics_json_is_reported(tmp_path, text):
+    (tmp_path / "metrics.json").write_text(text)
+    with pytest.raises(ValueError, match="metrics.json is not"):
+        checkpoints.read_metrics(tmp_path)
+
+
 def test_a_resumed_runs_metrics_json_keeps_its_history(tmp_path, tiny_gin, capsys):
     """A resume keeps the evaluations up to its checkpoint's step (not one made after
     it, of weights no checkpoint kept); an unreadable metrics.json is set aside."""
