@@ -70,7 +70,8 @@ def log_samples(
 
 
 class Report:
-    """What one invocation of train() measured: evaluations, samples, the train loss."""
+    """What a run measured: this invocation's evaluations, sample grids and train loss,
+    after a resumed run's earlier evaluations and grids (the chief's, from metrics.json)."""
 
     def __init__(self, trainer, test, summaries: Summaries, run_dir: str, start: float, chief):
         """test: the test split's ``passes.Passes``; chief: whether this worker writes
