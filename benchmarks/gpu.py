@@ -172,7 +172,8 @@ def _run_for(smoke: bool, work: Path) -> tuple[Path, Path]:
     from pixelcnn import data
 
     run, images = work / "run", work / "images.npz"
-    if (run / "metrics.json").exists():
+    metrics = run / "metrics.json"  # written at every evaluation: "stopped" says it ended
+    if metrics.exists() and json.loads(metrics.read_text())["stopped"] not in (None, "interrupted"):
         return run, images
     work.mkdir(parents=True, exist_ok=True)
     bindings = ["train.max_steps = 2", "train.images_to_log = 0", "embedded_mnist.test_size = 64"]
