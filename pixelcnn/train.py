@@ -15,7 +15,9 @@ The bindings of ``train``:
   learning_rate, learning_rate_decay (a factor every step), beta_1, beta_2: Adam, the
     authors' defaults; warmup_steps: the rate ramped up linearly over the first steps;
     clip_norm: the global norm each batch's gradient is clipped to (None: not clipped);
-    ema_decay: Polyak averaging, warmed up (``trainer.ema_decay_at``).
+    ema_decay, ema_warmup: Polyak averaging, min(ema_decay, (1 + t) / (ema_warmup + t))
+    at step t (``trainer.ema_decay_at``: 10, TensorFlow's warm-up, averages about the last
+    tenth of the steps until the cap; lower, longer).
   max_epoch, max_steps, max_minutes: where to stop; the time budget includes the final
     evaluation, checkpoint and sample grid of the final weights, counted from ``started``
     (a ``time.time()``: the CLI passes its process's start) or else from the call.
@@ -65,6 +67,7 @@ def train(
     beta_1: float = 0.95,
     beta_2: float = 0.9995,
     ema_decay: float = 0.9995,
+    ema_warmup: float = 10.0,
     warmup_steps: int = 0,
     clip_norm: float | None = None,
     max_epoch: int = 100,
@@ -98,8 +101,13 @@ def train(
                      clip_norm, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     warmup_steps = checks.check_int(warmup_steps, "train.warmup_steps", minimum=0)
+    if isinstance(ema_warmup, bool) or not isinstance(ema_warmup, (int, float)) or ema_warmup <= 1:
+        raise ValueError(
+            f"train.ema_warmup must be a number above 1 (at 1 the average never moves), "
+            f"got {ema_warmup!r}"
+        )
     options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps,
-                   clip_norm=clip_norm, jit_compile=bool(jit_compile))  # fmt: skip
+                   clip_norm=clip_norm, jit_compile=bool(jit_compile), ema_warmup=ema_warmup)  # fmt: skip
     trainer, train_ds, test_ds, init = _build(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )

@@ -48,18 +48,21 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
         return {"rate": self.rate, "decay": self.decay, "warmup_steps": self.warmup_steps}
 
 
-def ema_decay_at(decay: float, updates) -> tf.Tensor:
+def ema_decay_at(decay: float, updates, warmup: float = 10.0) -> tf.Tensor:
     """The EMA's decay for its update after ``updates`` earlier ones (a tensor).
 
-    min(decay, (1 + t) / (10 + t)), the rule of tf.train.ExponentialMovingAverage with
-    ``num_updates``: the average covers the steps actually taken instead of keeping the
-    initial weights at decay^t of its weight (the authors' EMA has no warm-up, which
-    only stops mattering after ~10,000 steps). t is the optimizer's step count, which
-    the checkpoint holds, so a resumed run continues the same average, and a
-    checkpoint written before this rule continues from its own step.
+    min(decay, (1 + t) / (warmup + t)); warmup 10 is the rule of
+    tf.train.ExponentialMovingAverage with ``num_updates``: the average covers the steps
+    actually taken instead of keeping the initial weights at decay^t of its weight (the
+    authors' EMA has no warm-up). Until the cap, step u's weights count about as
+    u^(warmup - 2): warmup 10 averages about the last tenth of the steps, 3 weights them
+    linearly, 2 is the plain mean of all (Polyak-Ruppert). The cap 0.9995 is reached
+    only after 2,000 x (warmup - 1) steps. t is the optimizer's step count, which the
+    checkpoint holds, so a resumed run continues the same average, and a checkpoint
+    written before this rule continues from its own step.
     """
     t = tf.cast(updates, tf.float32)
-    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + t) / (10.0 + t))
+    return tf.minimum(tf.constant(decay, tf.float32), (1.0 + t) / (warmup + t))
 
 
 class Trainer:
@@ -80,15 +83,17 @@ class Trainer:
         warmup_steps: int = 0,
         clip_norm: float | None = None,
         jit_compile: bool = False,
+        ema_warmup: float = 10.0,
     ):
         """l2_weight: adds l2_weight * the squared norm of every effective (weight-
         normalised) kernel to the loss, i.e. the sum of every g squared (the background
         model of a likelihood ratio, ``pixelcnn.ood``). warmup_steps: the learning rate's
         linear ramp (``LearningRate``). clip_norm: the global norm the gradient of the
         whole batch is clipped to (None: not clipped). jit_compile: the model's forward
-        and backward passes (training) and forward pass (evaluation) compiled by XLA."""
+        and backward passes (training) and forward pass (evaluation) compiled by XLA.
+        ema_warmup: the EMA's warm-up (``ema_decay_at``)."""
         self.strategy = strategy
-        self.ema_decay = ema_decay
+        self.ema_decay, self.ema_warmup = ema_decay, float(ema_warmup)
         self.l2_weight = float(l2_weight)
         self.seed = int(seed)
         self.precision = precision
@@ -214,7 +219,7 @@ class Trainer:
         taken = self.strategy.experimental_local_results(finite)[0]  # the same on all
         # Polyak averaging, in cross-replica context: every copy gets the same update;
         # none for a skipped step.
-        d = ema_decay_at(self.ema_decay, self.step - 1)
+        d = ema_decay_at(self.ema_decay, self.step - 1, self.ema_warmup)
         rate = (1.0 - d) * tf.cast(taken, tf.float32)
         for e, w in zip(self.ema.trainable_variables, self.model.trainable_variables, strict=True):
             e.assign_sub(rate * (e - w))

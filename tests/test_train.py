@@ -258,17 +258,20 @@ def test_a_checkpoint_of_the_old_layout_loads(tmp_path):
             np.testing.assert_array_equal(mine, expected[f"{kind}:{v.path}"])
 
 
-def test_ema_variables_follow_the_warmed_up_average_step_by_step():
+@pytest.mark.parametrize("warmup", [None, 3])
+def test_ema_variables_follow_the_warmed_up_average_step_by_step(warmup):
     """After each optimizer step t (from 0) the Trainer's EMA weights equal the float64
     recurrence e <- e - (1 - d_t)(e - w) on the raw weights w after that step, with
-    d_t = min(0.9995, (1 + t) / (10 + t)): TensorFlow's num_updates warm-up."""
-    trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"))
+    d_t = min(0.9995, (1 + t) / (warmup + t)): TensorFlow's num_updates warm-up (10)
+    by default."""
+    options = {} if warmup is None else {"ema_warmup": warmup}
+    trainer = make_trainer(tf.distribute.OneDeviceStrategy("/cpu:0"), **options)
     set_weights(trainer, initial_weights())
     images = make_batches(n_batches=4)
     ema = [v.numpy().astype(np.float64) for v in trainer.ema.trainable_variables]
     for t in range(4):
         run_steps(trainer, images[8 * t : 8 * t + 8])
-        d = min(0.9995, (1 + t) / (10 + t))
+        d = min(0.9995, (1 + t) / ((warmup or 10) + t))
         raw = [v.numpy().astype(np.float64) for v in trainer.model.trainable_variables]
         ema = [e - (1 - d) * (e - w) for e, w in zip(ema, raw, strict=True)]
         for e, v in zip(ema, trainer.ema.trainable_variables, strict=True):
@@ -443,6 +446,7 @@ def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message)
         ({"images_to_log": -1}, "images_to_log"),
         ({"precision": "float8"}, "precision must be one of"),
         ({"batch_size": 3}, "divisible by the 2 replicas"),
+        ({"ema_warmup": 1}, "ema_warmup must be a number above 1"),
     ],
 )
 def test_bad_bindings_fail_before_the_data_is_read(tmp_path, clean_gin, binding, message):
