@@ -51,6 +51,14 @@ def check_positive(value, name: str, optional: bool = False) -> float | None:
     return float(value)
 
 
+def check_above(value, name: str, bound: float, why: str = "") -> float:
+    """value as a float; ValueError naming ``name`` (and ``why``) unless it is a number
+    above ``bound``."""
+    if not _number(value) > bound:
+        raise ValueError(f"{name} must be a number above {bound:g}{why}, got {value!r}")
+    return float(value)
+
+
 def _number(value) -> float:
     """value as a float; NaN (which fails every range) for what is not a real number
     (a bool, a string, None)."""

@@ -101,13 +101,11 @@ def train(
                      clip_norm, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     warmup_steps = checks.check_int(warmup_steps, "train.warmup_steps", minimum=0)
-    if isinstance(ema_warmup, bool) or not isinstance(ema_warmup, (int, float)) or ema_warmup <= 1:
-        raise ValueError(
-            f"train.ema_warmup must be a number above 1 (at 1 the average never moves), "
-            f"got {ema_warmup!r}"
-        )
-    options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps,
-                   clip_norm=clip_norm, jit_compile=bool(jit_compile), ema_warmup=ema_warmup)  # fmt: skip
+    ema_warmup = checks.check_above(
+        ema_warmup, "train.ema_warmup", 1, " (at 1 the average never moves)"
+    )
+    options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps, clip_norm=clip_norm,
+                   jit_compile=bool(jit_compile), ema_warmup=ema_warmup)  # fmt: skip
     trainer, train_ds, test_ds, init = _build(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )
