@@ -97,15 +97,11 @@ def train(
     iterators stay alive until the process exits (``pixelcnn.passes``).
     """
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
-    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
-                     clip_norm, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
-    optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
-    warmup_steps = checks.check_int(warmup_steps, "train.warmup_steps", minimum=0)
-    ema_warmup = checks.check_above(
-        ema_warmup, "train.ema_warmup", 1, " (at 1 the average never moves)"
-    )
     options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps, clip_norm=clip_norm,
                    jit_compile=bool(jit_compile), ema_warmup=ema_warmup)  # fmt: skip
+    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
+                     options, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
+    optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
     trainer, train_ds, test_ds, init = _build(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )
@@ -339,10 +335,11 @@ class _Loop:
 
 
 def _check_arguments(
-    strategy, dataset_fn, batch_size, precision, max_minutes, rate, clip_norm, counts
+    strategy, dataset_fn, batch_size, precision, max_minutes, rate, options, counts
 ) -> None:
-    """ValueError for a bad binding, before any data is read. counts: (images_to_log,
-    log_images_every, raw_eval_every)."""
+    """ValueError for a bad binding, before any data is read. options: the trainer's
+    (its warmup_steps and ema_warmup replaced by their checked values); counts:
+    (images_to_log, log_images_every, raw_eval_every)."""
     if dataset_fn is gin.REQUIRED or dataset_fn is None:
         raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
     if precision not in (*PRECISIONS, "auto"):
@@ -356,7 +353,11 @@ def _check_arguments(
         )
     checks.check_positive(max_minutes, "train.max_minutes", optional=True)
     checks.check_fraction(rate, "train.mutation_rate", zero=True)
-    checks.check_positive(clip_norm, "train.clip_norm", optional=True)
+    checks.check_positive(options["clip_norm"], "train.clip_norm", optional=True)
+    options["warmup_steps"] = checks.check_int(options["warmup_steps"], "train.warmup_steps", 0)
+    options["ema_warmup"] = checks.check_above(
+        options["ema_warmup"], "train.ema_warmup", 1, " (at 1 the average never moves)"
+    )
     images_to_log, log_images_every, raw_eval_every = counts
     checks.check_int(images_to_log, "train.images_to_log", minimum=0)
     checks.check_positive_int(log_images_every, "train.log_images_every")
