@@ -30,11 +30,14 @@ def check_positive_int(value, name: str) -> int:
     return check_int(value, name, 1)
 
 
-def check_fraction(value, name: str, zero: bool = False) -> float:
-    """value as a float; ValueError naming ``name`` unless it is in (0, 1), or in
-    [0, 1) where ``zero`` allows 0 (a rate that may be off)."""
-    interval, number = "[0, 1)" if zero else "(0, 1)", _number(value)
-    if not ((0.0 <= number if zero else 0.0 < number) and number < 1.0):
+def check_fraction(value, name: str, zero: bool = False, one: bool = False) -> float:
+    """value as a float; ValueError naming ``name`` unless it is in (0, 1), with 0
+    allowed where ``zero`` (a rate that may be off) and 1 where ``one`` (a factor that
+    may leave things as they are)."""
+    number = _number(value)
+    interval = f"{'[' if zero else '('}0, 1{']' if one else ')'}"
+    above = 0.0 <= number if zero else 0.0 < number
+    if not (above and (number <= 1.0 if one else number < 1.0)):
         raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return number
 

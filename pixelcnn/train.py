@@ -99,9 +99,10 @@ def train(
     start = time.monotonic() - (0.0 if started is None else max(0.0, time.time() - started))
     options = dict(seed=seed, l2_weight=l2_weight, warmup_steps=warmup_steps, clip_norm=clip_norm,
                    jit_compile=bool(jit_compile), ema_warmup=ema_warmup)  # fmt: skip
-    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
-                     options, (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     optimizer = (learning_rate, learning_rate_decay, beta_1, beta_2, ema_decay)
+    _check_arguments(strategy, dataset_fn, batch_size, precision, max_minutes, mutation_rate,
+                     (optimizer, options),
+                     (images_to_log, log_images_every, raw_eval_every))  # fmt: skip
     trainer, train_ds, test_ds, init = _build(
         strategy, dataset_fn, batch_size, optimizer, precision, options
     )
@@ -335,11 +336,11 @@ class _Loop:
 
 
 def _check_arguments(
-    strategy, dataset_fn, batch_size, precision, max_minutes, rate, options, counts
+    strategy, dataset_fn, batch_size, precision, max_minutes, rate, trainer, counts
 ) -> None:
-    """ValueError for a bad binding, before any data is read. options: the trainer's
-    (its warmup_steps and ema_warmup replaced by their checked values); counts:
-    (images_to_log, log_images_every, raw_eval_every)."""
+    """ValueError for a bad binding, before any data is read. trainer: (optimizer,
+    options) as ``_build`` takes them, the options' warmup_steps and ema_warmup replaced
+    by their checked values; counts: (images_to_log, log_images_every, raw_eval_every)."""
     if dataset_fn is gin.REQUIRED or dataset_fn is None:
         raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
     if precision not in (*PRECISIONS, "auto"):
@@ -353,6 +354,12 @@ def _check_arguments(
         )
     checks.check_positive(max_minutes, "train.max_minutes", optional=True)
     checks.check_fraction(rate, "train.mutation_rate", zero=True)
+    (learning_rate, decay, beta_1, beta_2, ema_decay), options = trainer
+    checks.check_positive(learning_rate, "train.learning_rate")
+    checks.check_fraction(decay, "train.learning_rate_decay", one=True)
+    checks.check_fraction(beta_1, "train.beta_1", zero=True)
+    checks.check_fraction(beta_2, "train.beta_2", zero=True)
+    checks.check_fraction(ema_decay, "train.ema_decay", zero=True, one=True)  # 1: no cap
     checks.check_positive(options["clip_norm"], "train.clip_norm", optional=True)
     options["warmup_steps"] = checks.check_int(options["warmup_steps"], "train.warmup_steps", 0)
     options["ema_warmup"] = checks.check_above(

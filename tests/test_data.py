@@ -245,6 +245,10 @@ def test_number_checks_name_the_setting_and_the_range():
     for bad in (1, 1.0, -1e-9, float("inf")):
         with pytest.raises(ValueError, match=r"rate must be in \[0, 1\), got"):
             checks.check_fraction(bad, "rate", zero=True)
+    assert checks.check_fraction(1, "decay", one=True) == 1.0
+    for bad in (0, 1.0001, float("nan")):
+        with pytest.raises(ValueError, match=r"decay must be in \(0, 1\], got"):
+            checks.check_fraction(bad, "decay", one=True)
     assert checks.check_positive(2, "train.clip_norm") == 2.0
     assert checks.check_positive(None, "train.max_minutes", optional=True) is None
     for bad in (0, -1, float("nan"), "2", True):

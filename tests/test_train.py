@@ -447,6 +447,12 @@ def test_bad_datasets_fail_before_training(tmp_path, clean_gin, images, message)
         ({"precision": "float8"}, "precision must be one of"),
         ({"batch_size": 3}, "divisible by the 2 replicas"),
         ({"ema_warmup": 1}, "ema_warmup must be a number above 1"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"learning_rate_decay": 1.01}, r"learning_rate_decay must be in \(0, 1\]"),
+        ({"learning_rate_decay": 0.0}, r"learning_rate_decay must be in \(0, 1\]"),
+        ({"beta_1": 1.0}, r"beta_1 must be in \[0, 1\)"),
+        ({"beta_2": -0.1}, r"beta_2 must be in \[0, 1\)"),
+        ({"ema_decay": 1.5}, r"ema_decay must be in \[0, 1\]"),
     ],
 )
 def test_bad_bindings_fail_before_the_data_is_read(tmp_path, clean_gin, binding, message):
