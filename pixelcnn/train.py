@@ -336,11 +336,11 @@ class _Loop:
 
 
 def _check_arguments(
-    strategy, dataset_fn, batch_size, precision, max_minutes, rate, trainer, counts
+    strategy, dataset_fn, batch_size, precision, max_minutes, rate, trainer_args, counts
 ) -> None:
-    """ValueError for a bad binding, before any data is read. trainer: (optimizer,
-    options) as ``_build`` takes them, the options' warmup_steps and ema_warmup replaced
-    by their checked values; counts: (images_to_log, log_images_every, raw_eval_every)."""
+    """ValueError for a bad binding, before any data is read. trainer_args: (optimizer,
+    options) as ``_build`` takes them; counts: (images_to_log, log_images_every,
+    raw_eval_every)."""
     if dataset_fn is gin.REQUIRED or dataset_fn is None:
         raise ValueError("bind train.dataset_fn, e.g. `train.dataset_fn = @embedded_mnist`")
     if precision not in (*PRECISIONS, "auto"):
@@ -354,15 +354,15 @@ def _check_arguments(
         )
     checks.check_positive(max_minutes, "train.max_minutes", optional=True)
     checks.check_fraction(rate, "train.mutation_rate", zero=True)
-    (learning_rate, decay, beta_1, beta_2, ema_decay), options = trainer
+    (learning_rate, decay, beta_1, beta_2, ema_decay), options = trainer_args
     checks.check_positive(learning_rate, "train.learning_rate")
     checks.check_fraction(decay, "train.learning_rate_decay", one=True)
     checks.check_fraction(beta_1, "train.beta_1", zero=True)
     checks.check_fraction(beta_2, "train.beta_2", zero=True)
     checks.check_fraction(ema_decay, "train.ema_decay", zero=True, one=True)  # 1: no cap
     checks.check_positive(options["clip_norm"], "train.clip_norm", optional=True)
-    options["warmup_steps"] = checks.check_int(options["warmup_steps"], "train.warmup_steps", 0)
-    options["ema_warmup"] = checks.check_above(
+    checks.check_int(options["warmup_steps"], "train.warmup_steps", minimum=0)
+    checks.check_above(
         options["ema_warmup"], "train.ema_warmup", 1, " (at 1 the average never moves)"
     )
     images_to_log, log_images_every, raw_eval_every = counts
