@@ -35,10 +35,10 @@ def classical(images: np.ndarray) -> dict:
     """bytes and images/s of each imagecodecs codec, one file per image."""
     import imagecodecs
 
-    from pixelcnn import files
+    from pixelcnn import image_codecs
 
-    def encoder(name):  # the package's lossless encoders (pixelcnn.files), as OOD uses
-        return files.lossless_encoder(name, images.shape[-1], 8)
+    def encoder(name):  # the package's lossless encoders (pixelcnn.image_codecs), as OOD uses
+        return image_codecs.lossless_encoder(name, images.shape[-1], 8)
 
     codecs = {
         "PNG (level 9)": (
@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks/results/codec.json"))
     args = parser.parse_args()
 
-    from pixelcnn import codec, data, load_for_inference, scoring
+    from pixelcnn import data, load_for_inference
+    from pixelcnn.inference import codec, scoring
 
     peak_before = matmul_peak("float32", windows=5)
     print(f"matmul peak float32: {peak_before:.0f} GFLOP/s", flush=True)

@@ -19,10 +19,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
 
-from pixelcnn import data, passes  # noqa: E402
+from pixelcnn import data  # noqa: E402
 from pixelcnn.likelihood import to_unit_range  # noqa: E402
 from pixelcnn.model import PixelCNNPP  # noqa: E402
-from pixelcnn.trainer import Trainer  # noqa: E402
+from pixelcnn.training import passes  # noqa: E402
+from pixelcnn.training.trainer import Trainer, TrainerOptions  # noqa: E402
 
 
 def model_fn(dtype):
@@ -46,7 +47,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer = Trainer(strategy, model_fn, 2e-3, 0.99995, 0.95, 0.9995, 0.9995, "float32")
+    options = TrainerOptions(learning_rate=2e-3, learning_rate_decay=0.99995)
+    trainer = Trainer(strategy, model_fn, options)
     train, test = data.embedded_mnist(32)
     trainer.initialize(to_unit_range(next(iter(train))[0], 8))
     splits = {

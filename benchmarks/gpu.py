@@ -86,7 +86,7 @@ def part_train(name: str, smoke: bool, out: Path) -> dict:
     import tensorflow as tf
 
     from pixelcnn.model import PixelCNNPP
-    from pixelcnn.trainer import Trainer
+    from pixelcnn.training.trainer import Trainer, TrainerOptions
 
     cfg, batch = _model_config(name, smoke)
     blocks = 2 if smoke else 3
@@ -103,8 +103,8 @@ def part_train(name: str, smoke: bool, out: Path) -> dict:
         def model_fn(dtype):
             return PixelCNNPP(residual_blocks=blocks, dropout_rate=0.5, dtype=dtype, **cfg)
 
-        trainer = Trainer(strategy, model_fn, 1e-3, 0.999995, 0.95, 0.9995, 0.9995,
-                          precision, jit_compile=jit)  # fmt: skip
+        options = TrainerOptions(precision=precision, jit_compile=jit)
+        trainer = Trainer(strategy, model_fn, options)
         trainer.initialize(images)
         began = time.perf_counter()
         float(trainer.train_step(batch_dict)[0])  # trace, compile
@@ -129,7 +129,7 @@ def part_sampling(smoke: bool, out: Path) -> dict:
     """Cached sampling of 16 and 256 images against the naive sampler's 16."""
     import tensorflow as tf
 
-    from pixelcnn import sampling
+    from pixelcnn.inference import sampling
     from pixelcnn.model import PixelCNNPP
 
     cfg, _ = _model_config("B1", smoke)

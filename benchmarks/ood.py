@@ -134,10 +134,11 @@ def other_compressors(ood, scores, test, sets, num_bits: int) -> list[dict]:
     except ImportError:
         print("imagecodecs not installed: input complexity with PNG only")
         return []
-    from pixelcnn import files
+
+    from pixelcnn import image_codecs
 
     rows = []
-    for compressor in [c for c in files.COMPRESSORS if c != "png"]:
+    for compressor in [c for c in image_codecs.COMPRESSORS if c != "png"]:
         inside = ood.complexity(scores["in"]["nll"], test, num_bits, compressor)
         for name, images in sets.items():
             outside = ood.complexity(scores[name]["nll"], images, num_bits, compressor)
@@ -247,7 +248,8 @@ def main() -> None:
         name: None if given[name] else train(runs[name], bindings[name], args.minutes)
         for name in runs
     }
-    from pixelcnn import data, load_for_inference, ood, scoring
+    from pixelcnn import data, load_for_inference
+    from pixelcnn.inference import ood, scoring
 
     model, _ = load_for_inference(runs["model"])
     background, _ = load_for_inference(runs["background"])

@@ -38,7 +38,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from pixelcnn import PixelCNNPP, sampling  # noqa: E402
+from pixelcnn import PixelCNNPP  # noqa: E402
+from pixelcnn.inference import sampling  # noqa: E402
 from pixelcnn.likelihood import to_unit_range  # noqa: E402
 
 CONFIGS = {
@@ -65,7 +66,7 @@ CONFIGS = {
     ),
 }
 
-# Kinds of sampler: (label, key of pixelcnn.sampling.compiled).
+# Kinds of sampler: (label, key of pixelcnn.inference.sampling.compiled).
 SAMPLERS = {
     "naive": "naive",
     "fast": "fast_xla",  # the default of sample_fast (XLA)

@@ -35,7 +35,7 @@ from throughput import CONFIGS, matmul_peak  # noqa: E402
 
 from pixelcnn import layers  # noqa: E402
 from pixelcnn.model import PixelCNNPP  # noqa: E402
-from pixelcnn.trainer import Trainer  # noqa: E402
+from pixelcnn.training.trainer import Trainer, TrainerOptions  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -80,7 +80,7 @@ def package_step(arch, precision, mode, images, recompute=None, patch=None):
         return PixelCNNPP(**arch, dropout_rate=0.5, recompute_activations=recompute, dtype=dtype)
 
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer = Trainer(strategy, model_fn, 1e-3, 0.999995, 0.95, 0.9995, 0.9995, precision)
+    trainer = Trainer(strategy, model_fn, TrainerOptions(precision=precision))
     trainer.initialize(images)
     step = trainer.train_step if mode != "eval" else trainer.eval_steps["ema"]
     with patch() if patch else contextlib.nullcontext():

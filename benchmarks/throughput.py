@@ -110,7 +110,8 @@ def pipeline_throughput(batch: int = 16, seconds: float = 3.0) -> float:
     """Images/s of the training input pipeline alone (embedded MNIST, as train() maps it)."""
     import tensorflow as tf
 
-    from pixelcnn import contract, data
+    from pixelcnn import data
+    from pixelcnn.data import contract
 
     train_ds, _ = data.embedded_mnist(batch)
     ds = train_ds.map(lambda *e: contract.to_model_input(e, 8), num_parallel_calls=tf.data.AUTOTUNE)
@@ -128,7 +129,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
     import tensorflow as tf
 
     from pixelcnn.model import PixelCNNPP
-    from pixelcnn.trainer import Trainer
+    from pixelcnn.training.trainer import Trainer, TrainerOptions
 
     cfg = dict(CONFIGS[name])
     batch = cfg.pop("batch")
@@ -145,7 +146,7 @@ def measure(name: str, precision: str, steps: int, variant: str = "default") -> 
             **cfg,
         )
 
-    trainer = Trainer(strategy, model_fn, 1e-3, 0.999995, 0.95, 0.9995, 0.9995, precision)
+    trainer = Trainer(strategy, model_fn, TrainerOptions(precision=precision))
     rng = np.random.default_rng(0)
     v = rng.integers(0, 256, (batch, *cfg["image_shape"]))
     images = tf.constant(2.0 * v / 255.0 - 1.0, tf.float32)

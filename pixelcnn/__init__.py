@@ -8,37 +8,51 @@ Public API:
   mixture_log_prob                 exact log-likelihood in nats per image
   mixture_sample                   one sample per pixel, on the b-bit grid
   bits_per_dim                     nats per image -> bits per sub-pixel
-  sample_fast, sample_naive        cached / reference generation (pixelcnn.sampling)
+  num_params                       the network's outputs per pixel for C channels, K mixtures
+  sample_fast, sample_naive        cached / reference generation (pixelcnn.inference.sampling)
   complete                         image completion
   export                           a run (or model) as a SavedModel for TF alone
   codec.encode, codec.decode       lossless compression at the model's likelihood
+
+The names load on first use, so ``import pixelcnn`` (and the command line's ``--help``)
+does not import TensorFlow until one of them is needed.
 """
 
-from pixelcnn import codec
-from pixelcnn.checkpoints import load_for_inference
-from pixelcnn.likelihood import (
-    bits_per_dim,
-    mixture_log_prob,
-    mixture_sample,
-    num_params,
-    unpack_params,
-)
-from pixelcnn.model import ModelConfig, PixelCNNPP
-from pixelcnn.sampling import complete, sample_fast, sample_naive
-from pixelcnn.serving import export
+from __future__ import annotations
 
-__all__ = [
-    "ModelConfig",
-    "PixelCNNPP",
-    "bits_per_dim",
-    "codec",
-    "complete",
-    "export",
-    "load_for_inference",
-    "mixture_log_prob",
-    "mixture_sample",
-    "num_params",
-    "sample_fast",
-    "sample_naive",
-    "unpack_params",
-]
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "ModelConfig": "pixelcnn.model",
+    "PixelCNNPP": "pixelcnn.model",
+    "bits_per_dim": "pixelcnn.likelihood",
+    "mixture_log_prob": "pixelcnn.likelihood",
+    "mixture_sample": "pixelcnn.likelihood",
+    "num_params": "pixelcnn.likelihood",
+    "unpack_params": "pixelcnn.likelihood",
+    "load_for_inference": "pixelcnn.rundir",
+    "complete": "pixelcnn.inference.sampling",
+    "sample_fast": "pixelcnn.inference.sampling",
+    "sample_naive": "pixelcnn.inference.sampling",
+    "export": "pixelcnn.inference.serving",
+}
+_MODULES = {"codec": "pixelcnn.inference.codec"}  # modules exported under a short name
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
+
+
+def __getattr__(name: str):
+    """Loads an exported name on first use (PEP 562) and keeps it."""
+    if name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
+        raise AttributeError(f"module 'pixelcnn' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -136,6 +136,19 @@ def to_numpy(x, what: str, where: str) -> np.ndarray:
     return np.asarray(x)
 
 
+# ----------------------------------------------------------------- the level grid
+def to_unit(levels, num_bits: int):
+    """Levels v in [0, 2**b) -> x = 2 v / (2**b - 1) - 1 in [-1, 1]: the one map from the
+    integer grid to the model's inputs (float NumPy arrays and tensors alike; the
+    result has the argument's float dtype)."""
+    return levels * (2.0 / (2**num_bits - 1)) - 1.0
+
+
+def to_levels(x, num_bits: int):
+    """x in [-1, 1] -> (x + 1) (2**b - 1) / 2, the unrounded level: ``to_unit``'s inverse."""
+    return (x + 1.0) * ((2**num_bits - 1) / 2.0)
+
+
 def grid_tolerance(num_bits: int) -> float:
     """Largest distance from the grid accepted for float inputs (float32 rounding)."""
     return 1e-3 / float(2**num_bits - 1)
@@ -143,9 +156,8 @@ def grid_tolerance(num_bits: int) -> float:
 
 def _off_grid(values: np.ndarray, num_bits: int) -> np.ndarray:
     """bool, where float values in [-1, 1] are off the b-bit grid."""
-    top = float(2**num_bits - 1)
-    scaled = (values + 1.0) * (top / 2.0)
-    return np.abs(scaled - np.round(scaled)) > grid_tolerance(num_bits) * top
+    scaled = to_levels(values, num_bits)
+    return np.abs(scaled - np.round(scaled)) > grid_tolerance(num_bits) * (2**num_bits - 1)
 
 
 def _grid_hints(arr: np.ndarray, num_bits: int, lo: float) -> str:
@@ -201,6 +213,17 @@ def check_float_grid(arr, num_bits: int, where: str) -> None:
         )
 
 
+def levels_rule(num_bits: int) -> str:
+    """What integer images must be, in words (the checks here and the exported model's
+    in-graph assertions say the same)."""
+    return f"integer images must lie in [0, {2**num_bits}) for num_bits={num_bits}"
+
+
+def labels_rule(num_classes: int) -> str:
+    """What labels must be, in words (as ``levels_rule``)."""
+    return f"labels must lie in [0, {num_classes}) for num_classes = {num_classes}"
+
+
 def check_integer_levels(arr: np.ndarray, num_bits: int, where: str) -> None:
     """ValueError unless every integer in arr lies in [0, 2**num_bits), with a hint."""
     levels = 2**num_bits
@@ -218,10 +241,7 @@ def check_integer_levels(arr: np.ndarray, num_bits: int, where: str) -> None:
             f"bind PixelCNNPP.num_bits = {needed} to model them as they are, or quantise "
             f"them to {num_bits} bits with v >> {needed - num_bits}"
         )
-    raise ValueError(
-        f"{where}: integer images must lie in [0, {levels}) for num_bits={num_bits}, got "
-        f"values in [{lo}, {hi}]: {hint}"
-    )
+    raise ValueError(f"{where}: {levels_rule(num_bits)}, got values in [{lo}, {hi}]: {hint}")
 
 
 def check_image_dtype(arr: np.ndarray, num_bits: int, where: str) -> None:
@@ -295,7 +315,21 @@ def check_integer_images(images, image_shape, num_bits: int, what: str = "images
             check_integer_levels(arr, num_bits, what)
 
 
+def empty(what: str = "dataset") -> ValueError:
+    """The error for a source that yields no images: "the <what> is empty"."""
+    return ValueError(f"the {what} is empty")
+
+
 # --------------------------------------------------------------------- labels
+def squeeze_labels(labels):
+    """Labels [B, 1] (Keras style) -> [B]; any other shape as it is. For NumPy arrays
+    and tensors alike (a graph tensor needs a known rank to be squeezed)."""
+    known = getattr(labels.shape, "rank", 0) is not None  # a TensorShape of unknown rank
+    if known and len(labels.shape) == 2 and labels.shape[-1] == 1:
+        return labels[:, 0]
+    return labels
+
+
 def check_labels(labels, batch: int, num_classes: int | None, where: str) -> np.ndarray:
     """Labels int [batch] (or [batch, 1]) in [0, num_classes) -> int32 [batch]; with
     num_classes None (a loader that does not know the model) any integer >= 0."""
@@ -312,8 +346,7 @@ def check_labels(labels, batch: int, num_classes: int | None, where: str) -> np.
             f"{where}: labels must be integer class indices{classes}, got "
             f"dtype {arr.dtype}{one_hot}"
         )
-    if arr.ndim == 2 and arr.shape[-1] == 1:
-        arr = arr[:, 0]
+    arr = squeeze_labels(arr)
     if arr.ndim != 1:
         one_hot = (
             "; they look one-hot: use tf.argmax(labels, -1)"
@@ -331,9 +364,9 @@ def check_labels(labels, batch: int, num_classes: int | None, where: str) -> np.
             raise ValueError(f"{where}: labels must be class indices >= 0, got {lo}")
         if num_classes is not None and (lo < 0 or hi >= num_classes):
             raise ValueError(
-                f"{where}: labels must lie in [0, {num_classes}) for num_classes = "
-                f"{num_classes}, got labels in [{lo}, {hi}]; bind PixelCNNPP.num_classes to "
-                "the number of classes (the largest label + 1) or remap the labels"
+                f"{where}: {labels_rule(num_classes)}, got labels in [{lo}, {hi}]; bind "
+                "PixelCNNPP.num_classes to the number of classes (the largest label + 1) or "
+                "remap the labels"
             )
     return arr.astype(np.int32)
 

@@ -4,6 +4,7 @@ devices), several workers; and running one batch split over a strategy's replica
 from __future__ import annotations
 
 import os
+import platform
 
 import tensorflow as tf
 
@@ -67,6 +68,14 @@ def inference_strategy(devices: str = "auto") -> tf.distribute.Strategy:
 # CPU flags of native bfloat16 arithmetic (Intel AMX, AVX-512 BF16); without them
 # TensorFlow emulates bfloat16 and the mixed step runs slower than float32.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# The CPU's vector instruction sets that decide which kernels TensorFlow and oneDNN run,
+# hence the float32 rounding of a network's outputs (BF16_CPU_FLAGS among them). A
+# virtual machine may report only a vendor ("AMD EPYC") as its model name, so the model
+# alone does not tell an AVX2 machine from an AVX-512 one.
+KERNEL_CPU_FLAGS = (
+    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+    "amx_tile", "amx_bf16", "amx_int8",
+)  # fmt: skip
 
 
 def cpu_info(field: str) -> str | None:
@@ -86,6 +95,21 @@ def cpu_flags() -> set[str] | None:
     """The CPU's feature flags; None where they cannot be read."""
     flags = cpu_info("flags")
     return None if flags is None else set(flags.split())
+
+
+def device_description(flags: set[str] | None = None) -> str:
+    """What a computation runs on: the CPU model and its kernel-deciding flags
+    (``KERNEL_CPU_FLAGS``; the CPU's own by default), and the GPUs' models when
+    TensorFlow sees any."""
+    cpu = cpu_info("model name") or platform.processor() or platform.machine()
+    flags = cpu_flags() if flags is None else flags
+    if flags is not None:
+        cpu += f" ({' '.join(f for f in KERNEL_CPU_FLAGS if f in flags) or 'no AVX2'})"
+    gpus = [
+        tf.config.experimental.get_device_details(g).get("device_name", g.name)
+        for g in tf.config.list_physical_devices("GPU")
+    ]
+    return f"{platform.machine()} {cpu}" + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
 
 
 def gpu_capabilities() -> list[tuple[int, int]]:

@@ -1,14 +1,17 @@
-"""Every use of an internal of TensorFlow or gin, each where no public API serves.
+"""Every use of an internal of TensorFlow, gin or CPython, each where no public API
+serves.
 
-Nothing else in the package imports ``tensorflow.python`` or ``tensorflow.compiler`` or
-touches an underscore attribute of TensorFlow, Keras or gin. Each function says why
-the internal is needed; ``tests/test_internals.py`` fails with a clear message when a
-release moves one of them.
+Nothing else in the package imports ``tensorflow.python`` or ``tensorflow.compiler``,
+touches an underscore attribute of TensorFlow, Keras or gin, relies on a name one of
+them makes up, or uses ``ctypes``. Each function says why the internal is needed;
+``tests/test_internals.py`` fails with a clear message when a release moves one of them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import inspect
+import os
 
 import tensorflow as tf
 
@@ -66,3 +69,32 @@ def keep_constructor_signature(cls) -> None:
     constructor's signature to record its config (``.keras`` saving).
     """
     cls.__init__.__signature__ = inspect.signature(cls.__init__.__wrapped__)
+
+
+def preemption_scratch_dir(checkpoint_dir: str, task_id: int) -> str:
+    """The folder a ``tf.distribute.experimental.PreemptionCheckpointHandler`` given
+    ``checkpoint_dir`` creates on non-chief worker ``task_id`` (beside it), which it
+    deletes itself only after a preemption.
+
+    No public API names it; TensorFlow's failure_handling module makes the name up
+    (``workertemp_<task>``). Calling that function also creates the folder, as the
+    handler does when it starts.
+    """
+    from tensorflow.python.distribute.failure_handling import failure_handling
+
+    return os.path.dirname(failure_handling._non_chief_checkpoint_dir(checkpoint_dir, task_id))
+
+
+def keep_forever(obj) -> None:
+    """Adds a reference to ``obj`` that is never given back, so it is never deleted
+    (it goes when the process exits, which does not run its destructor).
+
+    Deleting a tf.data iterator whose pipeline autotunes waits, in TensorFlow 2.21, for
+    its autotuning thread's next timed wake-up, up to a minute
+    (``pixelcnn.training.passes``); tf.distribute's iterators autotune whatever the
+    dataset's options say, and TensorFlow offers no way to stop that thread. Keeping
+    the iterator costs its threads and buffers: ``Passes`` keeps one iterator per split,
+    so a ``train`` call keeps two (bounded by the number of calls in a process, one for
+    the command line).
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))

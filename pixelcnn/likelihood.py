@@ -134,15 +134,13 @@ def log1mexp(d: tf.Tensor) -> tf.Tensor:
 
 def to_unit_range(images: tf.Tensor, num_bits: int, dtype=tf.float32) -> tf.Tensor:
     """Integers in [0, 2**b) -> floats on the grid in [-1, 1]."""
-    top = float(2**num_bits - 1)
-    return tf.cast(images, dtype) * (2.0 / top) - 1.0
+    return checks.to_unit(tf.cast(images, dtype), num_bits)
 
 
 def to_integers(x: tf.Tensor, num_bits: int) -> tf.Tensor:
     """Floats in [-1, 1] -> nearest integer level in [0, 2**b), int32."""
-    top = float(2**num_bits - 1)
-    v = tf.round((tf.cast(x, tf.float32) + 1.0) * (top / 2.0))
-    return tf.cast(tf.clip_by_value(v, 0.0, top), tf.int32)
+    v = tf.round(checks.to_levels(tf.cast(x, tf.float32), num_bits))
+    return tf.cast(tf.clip_by_value(v, 0.0, float(2**num_bits - 1)), tf.int32)
 
 
 def check_unit_grid(x, num_bits: int, what: str = "x"):
@@ -156,7 +154,7 @@ def check_unit_grid(x, num_bits: int, what: str = "x"):
         return None
     top = float(2**num_bits - 1)
     x = tf.cast(x, tf.float32)
-    scaled = (x + 1.0) * (top / 2.0)
+    scaled = checks.to_levels(x, num_bits)
     return tf.debugging.Assert(
         tf.logical_and(
             tf.reduce_all(tf.abs(x) <= 1.0 + 1e-6),

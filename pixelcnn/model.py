@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import threading
 
 import gin
 import keras
+import numpy as np
 import tensorflow as tf
 
 from pixelcnn import checks, internals, likelihood
@@ -16,7 +19,37 @@ from pixelcnn.layers import (
     down_shift,
     right_shift,
 )
-from pixelcnn.sampling import Programs
+
+
+class Programs:
+    """A model's compiled programs (samplers, coders), each built on first use.
+
+    Every ``PixelCNNPP`` holds one (``model.programs``), so the programs live as long as
+    the model and a second call with the same model and batch size reuses its trace.
+    Building is locked: threads sharing a model build each program once.
+    """
+
+    def __init__(self):
+        self._built = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, build):
+        """The program stored under ``key``, built by ``build()`` the first time."""
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = build()
+            return self._built[key]
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """SHA-256 of a model's variables (names, shapes, dtypes and bytes): which weights
+    a compressed file or a fitted detector belongs to."""
+    digest = hashlib.sha256()
+    for v in sorted(model.weights, key=lambda v: v.path):
+        arr = np.ascontiguousarray(v.numpy())
+        digest.update(f"{v.path}:{arr.dtype.str}:{arr.shape}\n".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
 
 
 def downsampled_sizes(height: int, width: int, resolutions: int) -> list[tuple[int, int]]:

@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from pixelcnn.model import PixelCNNPP
-from pixelcnn.trainer import Trainer
+from pixelcnn.training.trainer import Trainer, TrainerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 6, 1)
@@ -62,17 +62,8 @@ def make_batches(n_batches=2, batch=8, seed=0):
 
 
 def make_trainer(strategy, **options):
-    return Trainer(
-        strategy,
-        tiny_model,
-        learning_rate=2e-3,
-        learning_rate_decay=0.999995,
-        beta_1=0.95,
-        beta_2=0.9995,
-        ema_decay=0.9995,
-        precision="float32",
-        **options,
-    )
+    """A Trainer of the tiny model; options: TrainerOptions fields besides the rate."""
+    return Trainer(strategy, tiny_model, TrainerOptions(learning_rate=2e-3, **options))
 
 
 def set_weights(trainer, weights):

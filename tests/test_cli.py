@@ -249,7 +249,8 @@ def test_export_loads_without_pixelcnn_and_matches_the_package(run_dir, tmp_path
     import keras
     import tensorflow as tf
 
-    from pixelcnn import PixelCNNPP, checkpoints, export, sampling
+    from pixelcnn import PixelCNNPP, export, rundir
+    from pixelcnn.inference import sampling
     from pixelcnn.likelihood import to_unit_range
 
     result = invoke("--log-dir", run_dir, "export", tmp_path / "exp", "--sample-batch-size", 2)
@@ -257,7 +258,7 @@ def test_export_loads_without_pixelcnn_and_matches_the_package(run_dir, tmp_path
     readme = (tmp_path / "exp" / "README.txt").read_text()
     assert "log_prob" in readme and "checkpoint:" in readme and "1/ is the SavedModel" in readme
     assert json.loads((tmp_path / "exp" / "model.json").read_text())["filters"] == 4
-    model, _ = checkpoints.load_for_inference(run_dir)
+    model, _ = rundir.load_for_inference(run_dir)
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1))
     np.save(tmp_path / "mnist.npy", images)
 
@@ -318,7 +319,7 @@ def test_export_loads_without_pixelcnn_and_matches_the_package(run_dir, tmp_path
         num = spec[name]["num"]
         drawn = sampling.sample_fast(m, num, labels=y, seed=(0, 7), batch_size=2).numpy()
         np.testing.assert_array_equal(out[f"{name}/sample"], drawn)
-    assert "labels must be in [0, 3)" in out["cond/bad_label"]
+    assert "labels must lie in [0, 3)" in out["cond/bad_label"]
 
 
 def test_export_refuses_an_occupied_folder(run_dir, tmp_path):
@@ -446,9 +447,9 @@ def test_a_whole_cycle_on_tensorflows_in_memory_filesystem(tmp_path):
     assert {"1", "model.json", "README.txt"} <= exported
     served = tf.saved_model.load("ram://exported/1")
     images = tf.constant(rng.integers(0, 256, (3, 6, 6, 1)), tf.int32)
-    from pixelcnn import checkpoints
+    from pixelcnn import rundir
 
-    model, _ = checkpoints.load_for_inference(run)
+    model, _ = rundir.load_for_inference(run)
     np.testing.assert_allclose(
         served.signatures["log_prob"](images=images)["log_prob"].numpy(),
         model.log_prob(images).numpy(),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from helpers import initialized_model
 
-from pixelcnn import codec, sampling
+from pixelcnn import distribute
+from pixelcnn.inference import codec, sampling
 
 BATCH = 4  # coding batch in these tests; the image counts below are not multiples of it
 
@@ -152,11 +153,12 @@ def test_the_recorded_device_tells_cpus_apart_by_their_kernels_instruction_sets(
     """Two CPUs that report the same model name ("AMD EPYC" in a virtual machine) but
     run different kernels (AVX2 or AVX-512) round differently: the header must tell
     them apart, so that decoding on the other warns first."""
-    avx2 = codec.device_description({"avx2", "fma", "sse4_2"})
-    avx512 = codec.device_description({"avx2", "fma", "avx512f", "avx512_bf16"})
+    avx2 = distribute.device_description({"avx2", "fma", "sse4_2"})
+    avx512 = distribute.device_description({"avx2", "fma", "avx512f", "avx512_bf16"})
     assert avx2 != avx512
     assert avx2.endswith("(avx2 fma)") and "avx512f avx512_bf16" in avx512
-    assert codec.device_description(set()).endswith("(no AVX2)")
+    assert distribute.device_description(set()).endswith("(no AVX2)")
+    assert set(distribute.BF16_CPU_FLAGS) <= set(distribute.KERNEL_CPU_FLAGS)
 
 
 def test_two_threads_code_with_one_model_at_once():

@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pixelcnn import contract, data
-from pixelcnn.contract import check_batch, infer_image_shape, to_model_input
+from pixelcnn import data
+from pixelcnn.data import contract
+from pixelcnn.data.contract import check_batch, infer_image_shape, to_model_input
 
 
 def grid(levels, num_bits=8):

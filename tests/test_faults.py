@@ -12,8 +12,9 @@ import pytest
 import tensorflow as tf
 from helpers import ROOT, SHAPE, bind_tiny, free_ports, worker_env
 
-from pixelcnn import checkpoints, faults, reporting
-from pixelcnn import train as training
+from pixelcnn import rundir
+from pixelcnn.training import faults, reporting
+from pixelcnn.training import train as training
 
 ONE = "/cpu:0"
 
@@ -124,7 +125,7 @@ def test_a_damaged_newest_checkpoint_is_reported_and_the_previous_read(
     two_checkpoints, tmp_path, damage, capsys
 ):
     run = damaged_copy(two_checkpoints, tmp_path, damage)
-    model, path = checkpoints.load_for_inference(run)  # as sample, evaluate, complete read it
+    model, path = rundir.load_for_inference(run)  # as sample, evaluate, complete read it
     assert path.endswith("-2")
     err = capsys.readouterr().err
     assert "ckpt-4 cannot be read" in err and "fell back to" in err
@@ -137,9 +138,9 @@ def test_a_flipped_byte_of_the_weights_is_reported_or_not_read(
     """An inference load reads the EMA weights only, and TensorFlow checks the CRC32C of
     each tensor it reads: a flipped byte elsewhere (the raw weights, Adam's slots) leaves
     the EMA weights as they were saved, one inside them is reported."""
-    intact, _ = checkpoints.load_for_inference(two_checkpoints)
+    intact, _ = rundir.load_for_inference(two_checkpoints)
     run = damaged_copy(two_checkpoints, tmp_path, "flip", where)
-    model, path = checkpoints.load_for_inference(run)
+    model, path = rundir.load_for_inference(run)
     if path.endswith("-2"):
         assert "ckpt-4 cannot be read" in capsys.readouterr().err
     else:
@@ -151,9 +152,9 @@ def test_checkpoints_are_found_without_the_state_file(two_checkpoints, tmp_path)
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     os.remove(run / "checkpoints" / "checkpoint")
-    assert checkpoints.load_for_inference(run)[1].endswith("-4")
+    assert rundir.load_for_inference(run)[1].endswith("-4")
     (run / "checkpoints" / "checkpoint").write_text("garbage\n")
-    assert [p[-6:] for p in checkpoints.checkpoint_candidates(run)] == ["ckpt-4", "ckpt-2"]
+    assert [p[-6:] for p in rundir.checkpoint_candidates(run)] == ["ckpt-4", "ckpt-2"]
 
 
 def test_a_run_named_by_a_relative_path_loads(two_checkpoints, tmp_path, monkeypatch):
@@ -161,11 +162,11 @@ def test_a_run_named_by_a_relative_path_loads(two_checkpoints, tmp_path, monkeyp
     shutil.copytree(two_checkpoints, tmp_path / "runs" / "r")
     monkeypatch.chdir(tmp_path)
     folder = os.path.join("runs", "r", "checkpoints")
-    assert checkpoints.checkpoint_candidates("runs/r") == [
+    assert rundir.checkpoint_candidates("runs/r") == [
         os.path.join(folder, "ckpt-4"),
         os.path.join(folder, "ckpt-2"),
     ]
-    assert checkpoints.load_for_inference("runs/r")[1] == os.path.join(folder, "ckpt-4")
+    assert rundir.load_for_inference("runs/r")[1] == os.path.join(folder, "ckpt-4")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
@@ -178,7 +179,7 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(
     out = capsys.readouterr()
     assert "cannot be read" in out.err and "-2 at step 2" in out.out
     assert result["step"] == 4  # and the damaged step-4 checkpoint is written again
-    assert checkpoints.load_for_inference(run)[1].endswith("-4")
+    assert rundir.load_for_inference(run)[1].endswith("-4")
 
 
 def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, tiny_gin):
@@ -186,9 +187,9 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
     shutil.copytree(two_checkpoints, run)
     for path in tf.train.get_checkpoint_state(str(run / "checkpoints")).all_model_checkpoint_paths:
         os.remove(data_file(path))
-    with pytest.raises(checkpoints.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
-        checkpoints.load_for_inference(run)
-    with pytest.raises(checkpoints.NoGoodCheckpoint, match="can be read"):
+    with pytest.raises(rundir.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
+        rundir.load_for_inference(run)
+    with pytest.raises(rundir.NoGoodCheckpoint, match="can be read"):
         train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=6)
 
 
@@ -246,7 +247,7 @@ def test_a_signal_to_one_worker_stops_every_worker_at_one_step_then_resume_and_a
     assert len(steps) == 1, logs
     (step,) = steps
     assert "rerun the same commands on every worker" in logs[0]
-    assert checkpoints.checkpoint_candidates(run_dir)[0].endswith(f"ckpt-{step}")
+    assert rundir.checkpoint_candidates(run_dir)[0].endswith(f"ckpt-{step}")
     assert not (run_dir / "tmp_worker_1").exists() and not (run_dir / "workertemp_1").exists()
 
     before = len(list((run_dir / "train").glob("events.*")))
@@ -329,16 +330,6 @@ def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeyp
     resumed = train(tmp_path, dataset_fn, max_epoch=4)  # metrics.json keeps the earlier grids
     assert resumed["samples"] == ["step_4.png", "step_6.png", "step_8.png"]
     assert drawn == [4, 6, 8]
-
-
-@pytest.mark.parametrize(
-    "text",
-    ["{", "[]", '{"evaluations": [1]}', '{"evaluations": [{"step": "2"}]}', '{"samples": [2]}'],
-)
-def test_a_damaged_metrics_json_is_reported(tmp_path, text):
-    (tmp_path / "metrics.json").write_text(text)
-    with pytest.raises(ValueError, match="metrics.json is not"):
-        checkpoints.read_metrics(tmp_path)
 
 
 def test_a_resumed_runs_metrics_json_keeps_its_history(tmp_path, tiny_gin, capsys):
@@ -429,7 +420,7 @@ def test_a_signal_during_a_multi_worker_evaluation_stops_every_worker_there(tmp_
     assert codes == [130, 130], logs
     for log in logs:
         assert "a signal to one of the workers during evaluation at step 8" in log, log[-2000:]
-    assert checkpoints.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")
+    assert rundir.checkpoint_candidates(run_dir)[0].endswith("ckpt-8")
 
 
 def test_the_budget_keeps_time_for_the_evaluation_checkpoint_and_a_final_grid(monkeypatch):

@@ -1,5 +1,5 @@
-"""pixelcnn.internals: each internal of TensorFlow or gin the package relies on still
-exists and does what the package needs; no other module reaches into one."""
+"""pixelcnn.internals: each internal of TensorFlow, gin or CPython the package relies
+on still exists and does what the package needs; no other module reaches into one."""
 
 import inspect
 import pathlib
@@ -16,16 +16,34 @@ from pixelcnn import PixelCNNPP, internals
 PACKAGE = pathlib.Path(internals.__file__).parent
 
 
-def test_no_other_module_imports_tensorflow_internals():
-    private = re.compile(r"(from|import)\s+tensorflow\.(python|compiler)")
+def test_no_other_module_uses_an_internal():
+    """TensorFlow's private modules, ctypes and names TensorFlow makes up appear in
+    internals.py only (every module of the package, subpackages included)."""
+    private = re.compile(r"(from|import)\s+(tensorflow\.(python|compiler)|ctypes)|workertemp_")
     offenders = [
-        f"{path.name}:{i}"
-        for path in sorted(PACKAGE.glob("*.py"))
+        f"{path.relative_to(PACKAGE)}:{i}"
+        for path in sorted(PACKAGE.rglob("*.py"))
         if path.name != "internals.py"
         for i, line in enumerate(path.read_text().splitlines(), 1)
         if private.search(line)
     ]
-    assert not offenders, f"import TensorFlow internals only in internals.py: {offenders}"
+    assert not offenders, f"use internals only in internals.py: {offenders}"
+
+
+def test_the_preemption_handlers_scratch_folder_is_named_by_tensorflow(tmp_path):
+    """The folder TF's handler writes into on a non-chief worker: beside the given
+    checkpoint folder, one per task."""
+    own = str(tmp_path / "preemption")
+    scratch = internals.preemption_scratch_dir(own, 3)
+    assert pathlib.Path(scratch).parent == tmp_path and pathlib.Path(scratch).is_dir()
+    assert scratch != internals.preemption_scratch_dir(own, 1)
+
+
+def test_keep_forever_adds_a_reference_that_is_never_given_back():
+    obj = object()
+    before = sys.getrefcount(obj)
+    internals.keep_forever(obj)
+    assert sys.getrefcount(obj) == before + 1
 
 
 def test_dynamic_update_slice_writes_in_place_under_xla():

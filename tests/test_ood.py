@@ -14,7 +14,8 @@ from helpers import initialized_model
 from PIL import Image
 from scipy import special, stats
 
-from pixelcnn import PixelCNNPP, data, ood
+from pixelcnn import PixelCNNPP, data
+from pixelcnn.inference import ood
 from pixelcnn.likelihood import to_integers, to_unit_range
 
 SHAPE = (6, 5, 1)
@@ -130,7 +131,7 @@ def test_mutation_replaces_the_requested_fraction_new_every_epoch_and_resumable(
 
 
 def test_the_weight_penalty_shrinks_the_effective_kernels():
-    from pixelcnn.trainer import Trainer
+    from pixelcnn.training.trainer import Trainer, TrainerOptions
 
     x = to_unit_range(np.random.default_rng(0).integers(0, 256, (16, *SHAPE)), 8)
     norms = {}
@@ -140,10 +141,11 @@ def test_the_weight_penalty_shrinks_the_effective_kernels():
         def model_fn(dtype):
             return PixelCNNPP(SHAPE, 2, 1, 8, 3, 0.0, dtype=dtype)
 
-        trainer = Trainer(
-            tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn, 1e-2, 1.0, 0.9, 0.999, 0.99,
-            "float32", l2_weight=l2,
+        options = TrainerOptions(
+            learning_rate=1e-2, learning_rate_decay=1.0, beta_1=0.9, beta_2=0.999,
+            ema_decay=0.99, l2_weight=l2,
         )  # fmt: skip
+        trainer = Trainer(tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn, options)
         trainer.initialize(x[:8])
         before = float(trainer.l2_norm())
         squares = sum(float(tf.reduce_sum(c.g**2)) for c in trainer.model.convolutions())

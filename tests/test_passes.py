@@ -1,4 +1,4 @@
-"""pixelcnn.passes: passes over data through one distributed iterator, against each
+"""pixelcnn.training.passes: passes over data through one distributed iterator, against each
 epoch's dataset iterated on its own."""
 
 import gc
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pixelcnn import passes
+from pixelcnn.training import passes
 
 
 def _data(known: bool):

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from pixelcnn import data
 from pixelcnn.model import PixelCNNPP
-from pixelcnn.trainer import Trainer
+from pixelcnn.training.trainer import Trainer, TrainerOptions
 
 SHAPE = (12, 12, 1)
 
@@ -31,16 +31,10 @@ def train_and_evaluate(precision, train_images, test_images, steps=100, batch=32
             dtype=dtype,
         )
 
-    trainer = Trainer(
-        tf.distribute.OneDeviceStrategy("/cpu:0"),
-        model_fn,
-        learning_rate=3e-3,
-        learning_rate_decay=0.99,
-        beta_1=0.95,
-        beta_2=0.9995,
-        ema_decay=0.98,
-        precision=precision,
+    options = TrainerOptions(
+        learning_rate=3e-3, learning_rate_decay=0.99, ema_decay=0.98, precision=precision
     )
+    trainer = Trainer(tf.distribute.OneDeviceStrategy("/cpu:0"), model_fn, options)
     to_x = lambda v: tf.cast(v, tf.float32) * (2 / 255) - 1  # noqa: E731
     trainer.initialize(to_x(train_images[:batch]))
     ds = tf.data.Dataset.from_tensor_slices(train_images).repeat().batch(batch).take(steps)
@@ -135,7 +129,7 @@ def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     import keras
     from helpers import array_dataset_fn, bind_tiny, make_batches
 
-    from pixelcnn import train as training
+    from pixelcnn.training import train as training
 
     monkeypatch.setattr(
         keras.optimizers,
@@ -161,15 +155,18 @@ def test_float16_skips_an_overflowing_step_and_resume_restores_the_scale(
     scale = _saved_loss_scale(tmp_path)
     assert scale == 2.0 ** (FIRST_SCALE_EXPONENT - first["skipped_steps"])
     # what a resumed run restores (train() resumes through the same Checkpoints)
-    from pixelcnn import checkpoints
-    from pixelcnn.trainer import Trainer
+    from pixelcnn import rundir
+    from pixelcnn.training.saver import Saver
+    from pixelcnn.training.trainer import Trainer, TrainerOptions
 
-    config = checkpoints.model_config(tmp_path).to_json()
+    config = rundir.model_config(tmp_path).to_json()
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer = Trainer(strategy, lambda dtype: PixelCNNPP(**config, dtype=dtype), 2e-3, 1.0,
-                      0.95, 0.9995, 0.99, "float16")  # fmt: skip
+    options = TrainerOptions(
+        learning_rate=2e-3, learning_rate_decay=1.0, ema_decay=0.99, precision="float16"
+    )
+    trainer = Trainer(strategy, lambda dtype: PixelCNNPP(**config, dtype=dtype), options)
     assert float(trainer.loss_scale) == 2.0**FIRST_SCALE_EXPONENT
-    assert checkpoints.Checkpoints(trainer, tmp_path, strategy, keep=2, every_minutes=10).restore()
+    assert Saver(trainer, tmp_path, keep=2, every_minutes=10).restore()
     assert float(trainer.loss_scale) == scale and int(trainer.step) == 2
 
 

@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from pixelcnn import PixelCNNPP, sampling
+from pixelcnn import PixelCNNPP
+from pixelcnn.inference import sampling
+from pixelcnn.inference.sampling import complete, sample_fast, sample_naive, top_rows_mask
 from pixelcnn.likelihood import mixture_log_prob, to_unit_range
-from pixelcnn.sampling import complete, sample_fast, sample_naive, top_rows_mask
 
 BITS = 3
 N = 3  # images per sampler call in the exactness tests (one compiled program per model)

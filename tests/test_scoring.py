@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pixelcnn import PixelCNNPP, scoring
+from pixelcnn import PixelCNNPP
+from pixelcnn.inference import scoring
 
 
 @pytest.fixture(scope="module")

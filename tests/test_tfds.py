@@ -1,11 +1,12 @@
-"""pixelcnn.tfds_data.tfds against TFDS's offline stand-in data, and its box average."""
+"""pixelcnn.data.tfds against TFDS's offline stand-in data, and its box average."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from test_train import mock_tfds
 
-from pixelcnn import contract, tfds_data
+from pixelcnn.data import contract
+from pixelcnn.data import tfds as tfds_data
 
 
 def test_box_downsample_is_the_rounded_block_mean():

@@ -31,11 +31,14 @@ from helpers import (
     worker_env,
 )
 
-from pixelcnn import checkpoints, codec, faults, likelihood
-from pixelcnn import train as training
+from pixelcnn import likelihood, rundir
 from pixelcnn.files import make_grid
+from pixelcnn.inference import codec
 from pixelcnn.model import PixelCNNPP
-from pixelcnn.trainer import Trainer
+from pixelcnn.training import faults
+from pixelcnn.training import train as training
+from pixelcnn.training.saver import Saver
+from pixelcnn.training.trainer import Trainer, TrainerOptions
 
 
 def test_mirrored_matches_one_device_and_partial_batches_are_means():
@@ -85,7 +88,7 @@ def _record_gradient_norms(trainer) -> list:
 
 
 def test_learning_rate_warms_up_then_decays():
-    from pixelcnn.trainer import LearningRate
+    from pixelcnn.training.trainer import LearningRate
 
     steps = np.arange(0, 40)
     expected = 2e-3 * 0.99**steps * np.minimum(1.0, (steps + 1) / 10)
@@ -192,8 +195,8 @@ def test_resume_continues_the_same_curve(tmp_path, clean_gin):
     assert straight["step"] == resumed["step"] == 4
     # images seen count the steps before the resume too
     assert straight["evaluations"][-1]["images"] == resumed["evaluations"][-1]["images"] == 32
-    a, _ = checkpoints.load_for_inference(tmp_path / "a")
-    b, _ = checkpoints.load_for_inference(tmp_path / "b")
+    a, _ = rundir.load_for_inference(tmp_path / "a")
+    b, _ = rundir.load_for_inference(tmp_path / "b")
     # Same data order (skip to the stopped step), same restored optimizer and EMA state,
     # the same dropout masks (a function of seed, step and replica), same deterministic
     # CPU kernels: bit-exact.
@@ -227,24 +230,16 @@ def test_a_checkpoint_of_the_old_layout_loads(tmp_path):
     expected = np.load(run / "expected.npz")
     images, labels = expected["images"], expected["labels"]
 
-    model, _ = checkpoints.load_for_inference(run)
+    model, _ = rundir.load_for_inference(run)
     np.testing.assert_allclose(model.log_prob(images, labels), expected["log_prob_ema"], rtol=1e-6)
     # compressed files name their weights by this fingerprint (variable paths included)
     assert codec.weights_fingerprint(model) == str(expected["ema_fingerprint"])
 
-    config = checkpoints.model_config(run).to_json()
+    config = rundir.model_config(run).to_json()
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    trainer = Trainer(
-        strategy,
-        lambda dtype: PixelCNNPP(**config, dtype=dtype),
-        2e-3,
-        0.999995,
-        0.95,
-        0.9995,
-        0.9,
-        "float32",
-    )
-    assert checkpoints.Checkpoints(trainer, run, strategy, keep=2, every_minutes=10).restore()
+    options = TrainerOptions(learning_rate=2e-3, ema_decay=0.9)
+    trainer = Trainer(strategy, lambda dtype: PixelCNNPP(**config, dtype=dtype), options)
+    assert Saver(trainer, run, keep=2, every_minutes=10).restore()
     assert int(trainer.step) == int(expected["step"])
     np.testing.assert_allclose(
         trainer.model.log_prob(images, labels), expected["log_prob_model"], rtol=1e-6
@@ -310,7 +305,7 @@ def test_ema_of_a_short_run_is_as_good_as_the_raw_weights(tmp_path, clean_gin):
     evaluation = result["evaluations"][-1]
     assert evaluation["test_bits_per_dim_ema"] == ema and evaluation["step"] == 284
     # raw means the training weights, as `evaluate --raw-weights` scores them
-    model, _ = checkpoints.load_for_inference(tmp_path, use_ema=False)
+    model, _ = rundir.load_for_inference(tmp_path, use_ema=False)
     x = tf.constant(images[:256], tf.int32)
     bpd = float(tf.reduce_mean(likelihood.bits_per_dim(model.log_prob(x), model.image_shape)))
     assert bpd == pytest.approx(raw, rel=1e-5)
@@ -500,7 +495,7 @@ def test_every_shipped_config_trains_a_step(config, tmp_path, clean_gin):
     keep the suite fast; the data decides the image shape unless the config binds it."""
     from pixelcnn import cli
 
-    cli.parse_gin((str(config),), ())
+    cli.app.parse_gin((str(config),), ())
     overrides = [
         ("PixelCNNPP.filters", 8),
         ("PixelCNNPP.residual_blocks", 2),
@@ -600,3 +595,25 @@ def test_xla_steps_match_and_resume(tmp_path):
     assert run_steps(xla, images[16:]) == losses
     for a, b in zip(xla.model.trainable_variables, after, strict=True):
         np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_every_binding_of_train_is_a_typed_option_with_the_same_default():
+    """train()'s bindings travel as TrainerOptions and LoopOptions fields of the same
+    names and defaults, passed by keyword only (no positional order to get wrong)."""
+    import dataclasses
+    import inspect
+
+    from pixelcnn.training.loop import LoopOptions
+
+    params = inspect.signature(training.train).parameters
+    bindings = set(params) - {"run_dir", "strategy", "started", "dataset_fn"}
+    fields = {f.name: f for cls in (TrainerOptions, LoopOptions) for f in dataclasses.fields(cls)}
+    assert bindings == set(fields)
+    shared = {"seed"}  # the one binding both use
+    assert len(dataclasses.fields(TrainerOptions)) + len(dataclasses.fields(LoopOptions)) == len(
+        fields
+    ) + len(shared)
+    for name, field in fields.items():
+        assert field.default == params[name].default, name
+    with pytest.raises(TypeError):
+        TrainerOptions(1e-3)  # keyword-only

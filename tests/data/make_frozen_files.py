@@ -2,9 +2,9 @@
 (3ff6dc910c1d3a86de1aa6f858c664e60713f9a1), before the big refactor, for
 tests/test_frozen_files.py to prove that later code still reads them.
 
-  images.pcnn   5 random 5x6x1 images (labels 0/1) compressed by pixelcnn.codec.encode
+  images.pcnn   5 random 5x6x1 images (labels 0/1) compressed by pixelcnn.inference.codec.encode
                 with the EMA weights of tests/data/legacy_run
-  export/       pixelcnn.serving.export of tests/data/legacy_run (EMA weights,
+  export/       pixelcnn.inference.serving.export of tests/data/legacy_run (EMA weights,
                 sample_batch_size 4): export/1 is the SavedModel, except that its
                 saved_model.pb (5.9 MB: the unrolled sampling graph) is stored
                 xz-compressed as saved_model.pb.xz (about 0.1 MB); decompress it to load
@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 import pixelcnn
-from pixelcnn import codec, rundir, sampling, serving
+from pixelcnn import rundir
+from pixelcnn.inference import codec, sampling, serving
 
 out = Path("tests/data/frozen")
 if out.exists():

@@ -110,10 +110,7 @@ def to_model_input(element, num_bits: int) -> tuple[tf.Tensor, tf.Tensor | None]
             f"integer levels in [0, {2**num_bits})"
         )
     if labels is not None:
-        labels = tf.convert_to_tensor(labels)
-        if labels.shape.rank == 2 and labels.shape[-1] == 1:
-            labels = labels[:, 0]  # Keras-style [B, 1] labels
-        labels = tf.cast(labels, tf.int32)
+        labels = tf.cast(checks.squeeze_labels(tf.convert_to_tensor(labels)), tf.int32)
     return images, labels
 
 

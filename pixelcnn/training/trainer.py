@@ -1,13 +1,17 @@
 """The Trainer: the model, its EMA copy, the optimizer and the compiled training and
-evaluation steps, under a tf.distribute strategy. ``pixelcnn.train`` runs it."""
+evaluation steps, under a tf.distribute strategy, configured by ``TrainerOptions``.
+``training.loop`` runs it."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 import tensorflow as tf
 
-from pixelcnn import distribute, faults, likelihood
+from pixelcnn import checks, distribute, likelihood
 from pixelcnn.model import PixelCNNPP
+from pixelcnn.training import faults
 
 # train.precision -> the Keras dtype policy of the training model. Mixed precisions keep
 # the weights, EMA, optimizer state, output layer and likelihood in float32; float16
@@ -65,6 +69,47 @@ def ema_decay_at(decay: float, updates, warmup: float = 10.0) -> tf.Tensor:
     return tf.minimum(tf.constant(decay, tf.float32), (1.0 + t) / (warmup + t))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainerOptions:
+    """How a Trainer optimises and averages the weights; the fields are train()'s
+    bindings of the same names (``pixelcnn.training.train`` says what each does), with
+    the same defaults (the authors')."""
+
+    # Adam and its schedule (``LearningRate``)
+    learning_rate: float = 1e-3
+    learning_rate_decay: float = 0.999995  # a factor every step
+    beta_1: float = 0.95
+    beta_2: float = 0.9995
+    warmup_steps: int = 0
+    clip_norm: float | None = None  # the whole batch's global gradient norm; None: not clipped
+    # Polyak averaging (``ema_decay_at``)
+    ema_decay: float = 0.9995
+    ema_warmup: float = 10.0
+    # the squared norm of every effective kernel, weighted into the loss (a background model)
+    l2_weight: float = 0.0
+    # "float32", "bfloat16", "float16" (``PRECISIONS``); train() resolves "auto" first
+    precision: str = "float32"
+    jit_compile: bool = False  # the model's passes compiled by XLA
+    seed: int = 0  # initial weights and dropout masks
+
+    def check(self) -> None:
+        """ValueError naming the binding that is wrong ("auto" is a valid precision)."""
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(
+                f"train.precision must be one of {[*PRECISIONS, 'auto']}, got {self.precision!r}"
+            )
+        checks.check_positive(self.learning_rate, "train.learning_rate")
+        checks.check_fraction(self.learning_rate_decay, "train.learning_rate_decay", one=True)
+        checks.check_fraction(self.beta_1, "train.beta_1", zero=True)
+        checks.check_fraction(self.beta_2, "train.beta_2", zero=True)
+        checks.check_fraction(self.ema_decay, "train.ema_decay", zero=True, one=True)  # 1: no cap
+        checks.check_positive(self.clip_norm, "train.clip_norm", optional=True)
+        checks.check_int(self.warmup_steps, "train.warmup_steps", minimum=0)
+        checks.check_above(
+            self.ema_warmup, "train.ema_warmup", 1, " (at 1 the average never moves)"
+        )
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the compiled steps."""
 
@@ -72,33 +117,24 @@ class Trainer:
         self,
         strategy: tf.distribute.Strategy,
         model_fn,
-        learning_rate: float,
-        learning_rate_decay: float,
-        beta_1: float,
-        beta_2: float,
-        ema_decay: float,
-        precision: str,
-        seed: int = 0,
-        l2_weight: float = 0.0,
-        warmup_steps: int = 0,
-        clip_norm: float | None = None,
-        jit_compile: bool = False,
-        ema_warmup: float = 10.0,
+        options: TrainerOptions = TrainerOptions(),  # noqa: B008 (frozen, so shared safely)
     ):
-        """l2_weight: adds l2_weight * the squared norm of every effective (weight-
-        normalised) kernel to the loss, i.e. the sum of every g squared (the background
-        model of a likelihood ratio, ``pixelcnn.ood``). warmup_steps: the learning rate's
-        linear ramp (``LearningRate``). clip_norm: the global norm the gradient of the
-        whole batch is clipped to (None: not clipped). jit_compile: the model's forward
-        and backward passes (training) and forward pass (evaluation) compiled by XLA.
-        ema_warmup: the EMA's warm-up (``ema_decay_at``)."""
+        """model_fn(dtype=...) -> a PixelCNNPP. options.l2_weight adds l2_weight * the
+        squared norm of every effective (weight-normalised) kernel to the loss, i.e. the
+        sum of every g squared (the background model of a likelihood ratio,
+        ``pixelcnn.inference.ood``)."""
+        if options.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision must be one of {list(PRECISIONS)}, got {options.precision!r} "
+                '(resolve "auto" with distribute.resolve_precision first)'
+            )
         self.strategy = strategy
-        self.ema_decay, self.ema_warmup = ema_decay, float(ema_warmup)
-        self.l2_weight = float(l2_weight)
-        self.seed = int(seed)
-        self.precision = precision
-        self.clip_norm = None if clip_norm is None else float(clip_norm)
-        self.jit_compile = bool(jit_compile)
+        self.ema_decay, self.ema_warmup = options.ema_decay, float(options.ema_warmup)
+        self.l2_weight = float(options.l2_weight)
+        self.seed = int(options.seed)
+        self.precision = precision = options.precision
+        self.clip_norm = None if options.clip_norm is None else float(options.clip_norm)
+        self.jit_compile = bool(options.jit_compile)
         with strategy.scope():
             self.model = model_fn(dtype=PRECISIONS[precision])
             self.ema = model_fn(dtype="float32")
@@ -107,9 +143,13 @@ class Trainer:
             self.raw = self.model if precision == "float32" else model_fn(dtype="float32")
             for model in {id(m): m for m in (self.model, self.ema, self.raw)}.values():
                 model.build_variables()
-            draw_initial_weights(self.model, seed)
-            self.schedule = LearningRate(learning_rate, learning_rate_decay, warmup_steps)
-            self.optimizer = keras.optimizers.Adam(self.schedule, beta_1=beta_1, beta_2=beta_2)
+            draw_initial_weights(self.model, self.seed)
+            self.schedule = LearningRate(
+                options.learning_rate, options.learning_rate_decay, options.warmup_steps
+            )
+            self.optimizer = keras.optimizers.Adam(
+                self.schedule, beta_1=options.beta_1, beta_2=options.beta_2
+            )
             if precision == "float16":
                 self.optimizer = keras.optimizers.LossScaleOptimizer(self.optimizer)
             self.optimizer.build(self.model.trainable_variables)
@@ -276,7 +316,7 @@ class Trainer:
             total += float(s)
             count += float(n)
         if count == 0:
-            raise ValueError("the test dataset is empty")
+            raise checks.empty("test dataset")
         return total / count
 
     def bits_per_dim(self, nll: float) -> float:

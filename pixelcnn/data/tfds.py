@@ -6,11 +6,13 @@ their levels stay integers; the batches are what ``pixelcnn.data``'s datasets yi
 
 from __future__ import annotations
 
+import dataclasses
+
 import gin
 import tensorflow as tf
 
 from pixelcnn import checks
-from pixelcnn.data import Datasets
+from pixelcnn.data.datasets import Datasets
 
 
 def box_downsample(images: tf.Tensor, factor: int) -> tf.Tensor:
@@ -30,23 +32,30 @@ def box_downsample(images: tf.Tensor, factor: int) -> tf.Tensor:
     return tf.cast((sums + area // 2) // area, dtype)
 
 
-def _tfds_split(builder, split: str, info: dict, seed: int, shuffle: bool) -> tf.data.Dataset:
-    """One split of a TFDS builder as unbatched (image, label) pairs, cropped or padded
-    and box-averaged as ``info`` says: {"image_key", "label_key", "crop_or_pad_to",
-    "downsample"}."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Features:
+    """Which features a split's examples give, and how its images are made one size."""
+
+    image_key: str
+    label_key: str | None  # None: every label 0
+    crop_or_pad_to: tuple[int, int] | None  # (H, W), None: the dataset's own size
+    downsample: int  # the box average's factor, 1: none
+
+
+def _tfds_split(builder, split: str, features: _Features, seed: int, shuffle: bool):
+    """One split of a TFDS builder as an unbatched tf.data.Dataset of (image, label)
+    pairs, cropped or padded and box-averaged as ``features`` says."""
     import tensorflow_datasets
 
     read = tensorflow_datasets.ReadConfig(shuffle_seed=seed)
     ds = builder.as_dataset(split=split, shuffle_files=shuffle, read_config=read)
-    size, factor, image_key, label_key = (
-        info["crop_or_pad_to"], info["downsample"], info["image_key"], info["label_key"]
-    )  # fmt: skip
+    size, label_key = features.crop_or_pad_to, features.label_key
 
     def convert(example):
-        image = example[image_key]
+        image = example[features.image_key]
         if size is not None:  # centred: tf.image's crop where larger, zero pad where smaller
             image = tf.image.resize_with_crop_or_pad(image, *size)
-        image = box_downsample(image, factor)
+        image = box_downsample(image, features.downsample)
         label = (
             tf.zeros([], tf.int32) if label_key is None else tf.cast(example[label_key], tf.int32)
         )
@@ -130,12 +139,16 @@ def tfds(
     size = _tfds_size(builder.info.features, name, image_key, label_key, crop_or_pad_to, factor)
     if download:
         builder.download_and_prepare()
-    info = dict(image_key=image_key, label_key=label_key, downsample=factor,
-                crop_or_pad_to=None if crop_or_pad_to is None else size)  # fmt: skip
-    train = _tfds_split(builder, train_split, info, seed, shuffle=True)
-    train = train.shuffle(checks.check_positive_int(shuffle_buffer, "tfds.shuffle_buffer"),
-                          seed=seed, reshuffle_each_iteration=True)  # fmt: skip
-    test = _tfds_split(builder, test_split, info, seed, shuffle=False)
+    features = _Features(
+        image_key=image_key,
+        label_key=label_key,
+        crop_or_pad_to=None if crop_or_pad_to is None else size,
+        downsample=factor,
+    )
+    buffer = checks.check_positive_int(shuffle_buffer, "tfds.shuffle_buffer")
+    train = _tfds_split(builder, train_split, features, seed, shuffle=True)
+    train = train.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+    test = _tfds_split(builder, test_split, features, seed, shuffle=False)
     return tuple(
         ds.batch(batch_size, drop_remainder=False).prefetch(tf.data.AUTOTUNE)
         for ds in (train, test)

@@ -30,7 +30,8 @@ import tempfile
 
 import tensorflow as tf
 
-from pixelcnn import checkpoints, checks, files, likelihood, sampling
+from pixelcnn import checks, files, likelihood, rundir
+from pixelcnn.inference import sampling
 from pixelcnn.model import PixelCNNPP
 
 __all__ = ["export"]
@@ -79,21 +80,23 @@ class _Serving(tf.Module):
         k = self.model.num_classes
         if k is None:
             return None
+        rule = checks.labels_rule(k)
         asserts = [
             tf.debugging.assert_equal(
                 tf.shape(labels)[0], n, message="labels must hold one label per image"
             ),
-            tf.debugging.assert_greater_equal(labels, 0, message=f"labels must be in [0, {k})"),
-            tf.debugging.assert_less(labels, k, message=f"labels must be in [0, {k})"),
+            tf.debugging.assert_greater_equal(labels, 0, message=rule),
+            tf.debugging.assert_less(labels, k, message=rule),
         ]
         with tf.control_dependencies(asserts):
             return tf.identity(labels)
 
     def _checked_images(self, images):
-        top = 2**self.model.num_bits
+        bits = self.model.num_bits
+        rule = checks.levels_rule(bits)
         asserts = [
-            tf.debugging.assert_greater_equal(images, 0, message=f"images must be in [0, {top})"),
-            tf.debugging.assert_less(images, top, message=f"images must be in [0, {top})"),
+            tf.debugging.assert_greater_equal(images, 0, message=rule),
+            tf.debugging.assert_less(images, 2**bits, message=rule),
         ]
         with tf.control_dependencies(asserts):
             return tf.identity(images)
@@ -223,9 +226,9 @@ def export(
             raise ValueError("the model has no weights yet: train or load it first")
     else:
         run_dir = os.fspath(source)
-        model, ckpt = checkpoints.load_for_inference(run_dir, checkpoint, use_ema)
+        model, ckpt = rundir.load_for_inference(run_dir, checkpoint, use_ema)
         where = f"{run_dir} ({'EMA' if use_ema else 'raw'} weights)"
-        metrics = checkpoints.read_metrics(run_dir)
+        metrics = rundir.read_metrics(run_dir)
     serving = _Serving(model, batch)
     summary = model.config_summary() | {"sample_batch_size": batch, "checkpoint": str(ckpt)}
     readme = _readme(model, where, str(ckpt), metrics, batch)

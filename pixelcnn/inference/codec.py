@@ -8,9 +8,9 @@ shifted by the coupling coefficients). So the coded size is the model's -log2 p 
 images plus the coder's overhead and the file's header.
 
 Bit-identical probabilities by construction. Encoder and decoder run the same program:
-the cached generation loop of ``pixelcnn.generation`` (plain TF graph, no XLA) over
-batches of exactly ``batch_size`` images, the last one filled up with zero images; at
-each pixel the network's output goes to one Python function (``_PixelCoder``) that
+the cached generation loop of ``pixelcnn.inference.generation`` (plain TF graph, no XLA)
+over batches of exactly ``batch_size`` images, the last one filled up with zero images;
+at each pixel the network's output goes to one Python function (``_PixelCoder``) that
 builds the probability tables in float64 NumPy, then codes the known values (encoder) or
 decodes them (decoder), and returns them as the pixel's value. The decoder therefore
 sees the same network inputs, hence the same float32 outputs and tables, as the encoder,
@@ -38,7 +38,6 @@ import hashlib
 import itertools
 import json
 import os
-import platform
 import struct
 import warnings
 import zlib
@@ -46,7 +45,9 @@ import zlib
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import checks, distribute, generation, internals, likelihood
+from pixelcnn import checks, distribute, internals, likelihood
+from pixelcnn.inference import generation
+from pixelcnn.model import weights_fingerprint
 
 __all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
 
@@ -107,7 +108,7 @@ class _PixelTables:
         """Channel ch took ``values`` (int [N]): update the weights and the coupling."""
         mass = self._masses[np.arange(len(values)), :, values]  # [N, K]
         self.log_w = self.log_w + np.log(np.maximum(mass, 1e-300))
-        self.x[:, ch] = values * (2.0 / (2**self.bits - 1)) - 1.0
+        self.x[:, ch] = checks.to_unit(values, self.bits)
 
 
 class _PixelCoder:
@@ -144,10 +145,7 @@ class _PixelCoder:
             else:
                 self.coder.encode(pixel[:n, ch].astype(np.int32), self.family, table)
             tables.observe(ch, pixel[:, ch])
-        top = 2**self.bits - 1
-        return (pixel.astype(np.float32) * np.float32(2.0 / top) - np.float32(1.0)).astype(
-            np.float32
-        )
+        return checks.to_unit(pixel.astype(np.float32), self.bits).astype(np.float32)
 
 
 class _CodingProgram:
@@ -214,60 +212,11 @@ def _code_batches(model, values, labels, batch_size, coders):
             raise CodecError("the generation program did not reproduce the coded values")
 
 
-def report(nbytes: int, model, images, labels, seconds: float) -> str:
-    """One line: images, bytes, coded and model bits/dim, images/s."""
-    from pixelcnn import scoring
-
-    scores = scoring.score(model, scoring.array_batches(images, labels))
-    model_bpd = scores.summary()["bits_per_dim"]
-    return (
-        f"{len(images)} images, {nbytes} bytes: {8 * nbytes / images.size:.4f} bits/dim "
-        f"coded, {model_bpd:.4f} bits/dim the model's likelihood, "
-        f"{len(images) / seconds:.1f} images/s"
-    )
-
-
-# ----------------------------------------------------------------------------- format
-def weights_fingerprint(model) -> str:
-    """SHA-256 of the model's variables (names, shapes, dtypes and bytes)."""
-    digest = hashlib.sha256()
-    for v in sorted(model.weights, key=lambda v: v.path):
-        arr = np.ascontiguousarray(v.numpy())
-        digest.update(f"{v.path}:{arr.dtype.str}:{arr.shape}\n".encode())
-        digest.update(arr.tobytes())
-    return digest.hexdigest()
-
-
 def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(images, "<i4").tobytes())
     if labels is not None:
         digest.update(np.ascontiguousarray(labels, "<i4").tobytes())
     return digest.hexdigest()
-
-
-# The CPU's vector instruction sets that decide which kernels TensorFlow and oneDNN run,
-# hence the float32 rounding of the network's outputs. A virtual machine may report
-# only a vendor ("AMD EPYC") as its model name, so the model alone does not tell an
-# AVX2 machine from an AVX-512 one.
-KERNEL_CPU_FLAGS = (
-    "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
-    "amx_tile", "amx_bf16", "amx_int8",
-)  # fmt: skip
-
-
-def device_description(flags: set[str] | None = None) -> str:
-    """What the probabilities were computed on: the CPU model and its kernel-deciding
-    flags (``KERNEL_CPU_FLAGS``; the CPU's own by default), and the GPUs' models when
-    TensorFlow sees any (the network then runs on the first)."""
-    cpu = distribute.cpu_info("model name") or platform.processor() or platform.machine()
-    flags = distribute.cpu_flags() if flags is None else flags
-    if flags is not None:
-        cpu += f" ({' '.join(f for f in KERNEL_CPU_FLAGS if f in flags) or 'no AVX2'})"
-    gpus = [
-        tf.config.experimental.get_device_details(g).get("device_name", g.name)
-        for g in tf.config.list_physical_devices("GPU")
-    ]
-    return f"{platform.machine()} {cpu}" + (f"; GPUs: {', '.join(gpus)}" if gpus else "")
 
 
 def _stack() -> dict:
@@ -278,7 +227,7 @@ def _stack() -> dict:
         "tensorflow": tf.__version__,
         "constriction": version("constriction"),
         "numpy": np.__version__,
-        "device": device_description(),
+        "device": distribute.device_description(),
         # CPU kernels may split a reduction differently with another thread count
         "threads": f"{os.cpu_count()} cores, intra-op "
         f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}",

@@ -1,5 +1,6 @@
-"""Run directories: what training writes, its checkpoints (saving, restoring the newest
-good one), and loading a trained model back from them.
+"""A run directory: the one module that knows its layout. Training writes it
+(``pixelcnn.training``), the commands that read a run load from it; both sides use the
+functions here.
 
 run_dir/
   config.gin             the parsed gin config (written at start-up)
@@ -10,6 +11,10 @@ run_dir/
   checkpoints/           tf.train.Checkpoint: model, ema, optimizer, step, epoch;
   train/, eval/, eval_raw/  TensorBoard summaries
   samples/               PNG sample grids
+
+Here: the run's files (config.gin, model.json, metrics.json and its schema), its
+checkpoint candidates, restoring the newest one that reads back whole, and loading a
+trained model for inference. Saving while training is ``training.saver``.
 
 Paths are strings handled through ``tf.io.gfile``, so a run directory may be any
 filesystem TensorFlow reads (a local folder, ``ram://``, ``gs://`` ...).
@@ -26,7 +31,7 @@ import time
 import gin
 import tensorflow as tf
 
-from pixelcnn import distribute, files
+from pixelcnn import files
 from pixelcnn.model import ModelConfig, PixelCNNPP
 
 
@@ -41,9 +46,19 @@ def new_run_dir(root: str = "runs") -> str:
     return path
 
 
+def config_path(run_dir: str | os.PathLike) -> str:
+    """run_dir/config.gin: the run's parsed gin config."""
+    return os.path.join(os.fspath(run_dir), "config.gin")
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> str:
+    """run_dir/checkpoints: the chief's checkpoints."""
+    return os.path.join(os.fspath(run_dir), "checkpoints")
+
+
 def write_config(run_dir: str, model: PixelCNNPP, precision: str) -> None:
     """config.gin, operative_config.gin and model.json, at start-up."""
-    files.write_atomic(os.path.join(run_dir, "config.gin"), gin.config_str())
+    files.write_atomic(config_path(run_dir), gin.config_str())
     files.write_atomic(os.path.join(run_dir, "operative_config.gin"), gin.operative_config_str())
     summary = model.config_summary() | {"precision": precision}
     files.write_atomic(os.path.join(run_dir, "model.json"), json.dumps(summary, indent=2) + "\n")
@@ -98,7 +113,7 @@ def checkpoint_candidates(run_dir: str | os.PathLike, checkpoint: str | None = N
         if not tf.io.gfile.exists(checkpoint + ".index"):
             raise FileNotFoundError(f"checkpoint {checkpoint} not found")
         return [checkpoint]
-    ckpt_dir = os.path.join(os.fspath(run_dir), "checkpoints")
+    ckpt_dir = checkpoint_dir(run_dir)
     try:
         state = tf.train.get_checkpoint_state(ckpt_dir)
     except (ValueError, UnicodeDecodeError, tf.errors.OpError):
@@ -174,7 +189,7 @@ def load_for_inference(
     candidates = checkpoint_candidates(run_dir, checkpoint)
     if not candidates:
         raise FileNotFoundError(
-            f"no checkpoint in {os.path.join(run_dir, 'checkpoints')}: train first (a run saves every "
+            f"no checkpoint in {checkpoint_dir(run_dir)}: train first (a run saves every "
             "epoch), or pass --checkpoint"
         )
     with strategy.scope() if strategy is not None else contextlib.nullcontext():
@@ -185,60 +200,3 @@ def load_for_inference(
         ckpt = tf.train.Checkpoint(**{"ema" if use_ema else "model": model.checkpointable()})
         path = restore_newest_good(ckpt, candidates, partial=True)
     return model, path
-
-
-class Checkpoints:
-    """A training run's tf.train.Checkpoint (model, EMA, optimizer, epoch, step in the
-    epoch), its manager and the save timer.
-
-    Non-chief workers of a multi-worker run write to a scratch directory they delete.
-    """
-
-    def __init__(self, trainer, run_dir: str, strategy, keep: int, every_minutes: float):
-        self.trainer = trainer
-        self.run_dir = run_dir
-        self.chief = distribute.is_chief(strategy)
-        self.directory = os.path.join(
-            run_dir,
-            "checkpoints" if self.chief else f"tmp_worker_{distribute.task_id(strategy)}",
-        )
-        self.checkpoint = tf.train.Checkpoint(
-            model=trainer.model.checkpointable(),
-            ema=trainer.ema.checkpointable(),
-            optimizer=trainer.optimizer,
-            epoch=trainer.epoch,
-            step_in_epoch=trainer.step_in_epoch,
-        )
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, keep)
-        self.every_seconds = 60.0 * every_minutes
-        self.last = time.monotonic()
-        self.seconds = None  # how long the last save took
-        self.saved_step = None  # the step of the last save
-
-    def restore(self) -> bool:
-        """Restores the newest checkpoint that reads back whole, damaged ones reported
-        and skipped; False when the run has none (a new run). Every worker reads the
-        chief's directory, so all resume from the same checkpoint."""
-        candidates = checkpoint_candidates(self.run_dir)
-        if not candidates:
-            return False
-        path = restore_newest_good(self.checkpoint, candidates, partial=False)
-        print(f"resumed from {path} at step {distribute.value(self.trainer.step)}")
-        return True
-
-    def save(self, reason: str) -> str:
-        began = time.monotonic()
-        path = self.manager.save(checkpoint_number=self.trainer.step)
-        if not self.chief and tf.io.gfile.exists(self.directory):
-            tf.io.gfile.rmtree(self.directory)
-        self.last = time.monotonic()
-        self.seconds = self.last - began
-        self.saved_step = distribute.value(self.trainer.step)
-        return f"{reason}: saved {path}"
-
-    def save_if_due(self) -> bool:
-        """Saves when train.checkpoint_every_minutes have passed since the last save."""
-        if time.monotonic() - self.last > self.every_seconds:
-            self.save("timer")
-            return True
-        return False

@@ -1,6 +1,7 @@
 """The commands that read a trained run: sample, evaluate, complete (inference),
-export, compress, decompress (reuse) and ood (out-of-distribution detection). They
-register on ``pixelcnn.cli.main``, which holds the shared options and helpers."""
+export, compress, decompress (reuse) and ood (out-of-distribution detection). The
+shared options and helpers are ``cli.app``'s; ``pixelcnn.cli`` adds the commands to the
+group."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 
 import click
 
-from pixelcnn.cli import (
+from pixelcnn.cli.app import (
     CHECKPOINT,
+    COMPRESSORS,
     DEVICES,
     EXISTING_FILE,
     EXISTING_FOLDER,
@@ -20,21 +22,24 @@ from pixelcnn.cli import (
     RAW_WEIGHTS,
     SPLIT,
     checked,
-    integer_batches,
     load,
-    main,
     run_dir_of,
+    source_batches,
     write,
 )
-from pixelcnn.files import COMPRESSORS
 
 
-@main.command()
+@click.command()
 @CHECKPOINT
 @SPLIT
 @NPZ
 @FOLDER
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per scoring batch (default 64).",
+)
 @click.option("--per-image", type=FILE, help="Write each image's log-likelihood to this CSV.")
 @click.option("--output", type=FILE, help="JSON result (default RUN_DIR/eval_<split>.json).")
 @RAW_WEIGHTS
@@ -43,11 +48,15 @@ from pixelcnn.files import COMPRESSORS
 def evaluate(
     ctx, checkpoint, split, npz, folder, batch_size, per_image, output, raw_weights, devices
 ):
-    """Bits/dim of a dataset (default: the run's test set) with the EMA weights."""
-    from pixelcnn import scoring
+    """Bits/dim of a dataset (default: the run's test set) with the EMA weights.
+
+    \b
+    Example: pixelcnn --log-dir runs/X evaluate --per-image scores.csv"""
+    from pixelcnn.inference import scoring
 
     run_dir, model, strategy = load(ctx, checkpoint, raw_weights, devices)
-    batches = integer_batches(ctx, run_dir, model, split, npz, folder, batch_size)
+    batch_size = batch_size or scoring.BATCH_SIZE
+    batches = source_batches(ctx, run_dir, model, split, npz, folder, batch_size)
     scores = checked(scoring.score, model, batches, strategy)
     result = {
         "source": npz or folder or f"run {split} set",
@@ -61,7 +70,7 @@ def evaluate(
     click.echo(json.dumps(result, indent=2))
 
 
-@main.command()
+@click.command()
 @CHECKPOINT
 @click.option("--num", type=click.IntRange(1), default=16, show_default=True, help="Images.")
 @click.option(
@@ -88,8 +97,12 @@ def evaluate(
 @DEVICES
 @click.pass_context
 def sample(ctx, checkpoint, num, labels, seed, output, naive, batch_size, devices):
-    """Draw images from a trained run; writes a PNG grid and a .npz of integer images."""
-    from pixelcnn import files, sampling
+    """Draw images from a trained run; writes a PNG grid and a .npz of integer images.
+
+    \b
+    Example: pixelcnn --log-dir runs/X sample --num 16 --seed 1"""
+    from pixelcnn import files
+    from pixelcnn.inference import sampling
 
     run_dir, model, strategy = load(ctx, checkpoint, devices=devices)
     if labels and not model.num_classes:
@@ -107,7 +120,7 @@ def sample(ctx, checkpoint, num, labels, seed, output, naive, batch_size, device
     click.echo(f"wrote {png} and {npz_path}")
 
 
-@main.command()
+@click.command()
 @CHECKPOINT
 @click.option("--num", type=click.IntRange(1), default=8, show_default=True, help="Images.")
 @click.option(
@@ -134,11 +147,15 @@ def sample(ctx, checkpoint, num, labels, seed, output, naive, batch_size, device
 @DEVICES
 @click.pass_context
 def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, seed, output, devices):
-    """Image completion: keep the known pixels, sample the rest."""
+    """Image completion: keep the known pixels, sample the rest.
+
+    \b
+    Example: pixelcnn --log-dir runs/X complete --num 8 --keep-rows 14"""
     import numpy as np
     import tensorflow as tf
 
-    from pixelcnn import files, sampling
+    from pixelcnn import files
+    from pixelcnn.inference import sampling
 
     run_dir, model, strategy = load(ctx, checkpoint, devices=devices)
     h, w, c = model.image_shape
@@ -149,9 +166,9 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
         if model.num_classes:
             labels = np.zeros(len(images), np.int32)
     else:
-        from pixelcnn import scoring
+        from pixelcnn.inference import scoring
 
-        batches = integer_batches(ctx, run_dir, model, split, None, None, num)
+        batches = source_batches(ctx, run_dir, model, split, None, None, num)
         images, labels = checked(scoring.take, batches, num)
     if mask_path:
         mask = checked(files.read_mask, mask_path, h, w)
@@ -170,7 +187,7 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
 
 
 # ------------------------------------------------------------------------ reuse
-@main.command(name="export")
+@click.command(name="export")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @CHECKPOINT
 @click.option("--raw-weights", is_flag=True, help="Export the raw weights instead of the EMA.")
@@ -182,9 +199,13 @@ def complete(ctx, checkpoint, num, keep_rows, mask_path, image_files, split, see
 )
 @click.pass_context
 def export_command(ctx, out_dir, checkpoint, raw_weights, sample_batch_size):
-    """Write a TensorFlow SavedModel (OUT_DIR/1) that loads without pixelcnn."""
-    from pixelcnn import files, sampling
-    from pixelcnn.serving import export
+    """Write a TensorFlow SavedModel (OUT_DIR/1) that loads without pixelcnn.
+
+    \b
+    Example: pixelcnn --log-dir runs/X export exported/"""
+    from pixelcnn import files
+    from pixelcnn.inference import sampling
+    from pixelcnn.inference.serving import export
 
     run_dir = run_dir_of(ctx)
     try:
@@ -201,7 +222,7 @@ def export_command(ctx, out_dir, checkpoint, raw_weights, sample_batch_size):
     click.echo(f"wrote {path} ({size / 1e6:.1f} MB with model.json and README.txt)")
 
 
-@main.command()
+@click.command()
 @CHECKPOINT
 @SPLIT
 @NPZ
@@ -217,16 +238,19 @@ def export_command(ctx, out_dir, checkpoint, raw_weights, sample_batch_size):
 @click.option("-o", "--output", type=FILE, required=True, help="OUT.pcnn")
 @click.pass_context
 def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, output):
-    """Losslessly compress images with the model (range coding at its likelihood)."""
+    """Losslessly compress images with the model (range coding at its likelihood).
+
+    \b
+    Example: pixelcnn --log-dir runs/X compress --num 100 -o test.pcnn"""
     import time
 
     import tensorflow as tf
 
-    from pixelcnn import codec, scoring
+    from pixelcnn.inference import codec, scoring
 
     tf.config.experimental.enable_op_determinism()  # the same kernels when decoding
     run_dir, model, _ = load(ctx, checkpoint, raw_weights)
-    batches = integer_batches(ctx, run_dir, model, split, npz, folder, 256)
+    batches = source_batches(ctx, run_dir, model, split, npz, folder, scoring.BATCH_SIZE)
     images, labels = checked(scoring.take, batches, num)
     labels = labels if model.num_classes else None
     start = time.perf_counter()
@@ -234,12 +258,10 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
     data = checked(codec.encode, model, images, labels, batch_size, weights=ctx.obj["loaded"])
     seconds = time.perf_counter() - start
     write(output, data)
-    click.echo(
-        f"compressed to {output}: " + codec.report(len(data), model, images, labels, seconds)
-    )
+    click.echo(f"compressed to {output}: " + _report(len(data), model, images, labels, seconds))
 
 
-@main.command()
+@click.command()
 @click.argument("source", type=EXISTING_FILE)
 @CHECKPOINT
 @RAW_WEIGHTS
@@ -249,14 +271,18 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
 )
 @click.pass_context
 def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
-    """Decode a .pcnn file written by `compress` with the same run and weights."""
+    """Decode a .pcnn file written by `compress` with the same run and weights.
+
+    \b
+    Example: pixelcnn --log-dir runs/X decompress test.pcnn -o test.npz --png-dir test_png/"""
     import time
     import warnings
 
     import numpy as np
     import tensorflow as tf
 
-    from pixelcnn import codec, files
+    from pixelcnn import files, image_codecs
+    from pixelcnn.inference import codec
 
     tf.config.experimental.enable_op_determinism()  # as `compress` ran
     with tf.io.gfile.GFile(source, "rb") as f:
@@ -269,7 +295,7 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
         raise click.ClickException(f"--png-dir {png_dir} is not empty: pick a new folder")
     run_dir, model, _ = load(ctx, checkpoint, raw_weights)
     if png_dir:
-        checked(files.png_mode, model.image_shape[-1], model.num_bits)  # before any work
+        checked(image_codecs.png_mode, model.image_shape[-1], model.num_bits)  # before any work
     start = time.perf_counter()
     with warnings.catch_warnings():
         # a warning (another software stack) is shown before decoding starts
@@ -284,12 +310,12 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
     checked(files.save_npz, output, images=images.astype(dtype), labels=labels)
     if png_dir:
         checked(files.write_pngs, png_dir, images, model.num_bits)
-    line = codec.report(len(data), model, images, labels, seconds)
+    line = _report(len(data), model, images, labels, seconds)
     click.echo(f"decompressed {source} to {output}: {line}")
 
 
 # ------------------------------------------------------------------------ OOD detection
-@main.command(name="ood")
+@click.command(name="ood")
 @click.option(
     "--ood",
     "ood_sets",
@@ -315,7 +341,12 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
 @NPZ
 @FOLDER
 @click.option("--num", type=click.IntRange(1), help="Score at most N images of each set.")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Images per scoring batch (default 64).",
+)
 @click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="A folder.")
 @click.pass_context
 def ood_command(
@@ -323,16 +354,21 @@ def ood_command(
 ):
     """Out-of-distribution detection: scores the in-distribution images (default: the
     run's test split) and each OOD set; writes scores.csv, metrics.json, metrics.md
-    (AUROC, AUPRC, FPR at 95% TPR of every score on every set) and roc.png."""
-    from pixelcnn import checkpoints, checks, data, files, ood, scoring
+    (AUROC, AUPRC, FPR at 95% TPR of every score on every set) and roc.png.
 
+    \b
+    Example: pixelcnn --log-dir runs/X ood --ood noise=noise.npz --background runs/BG -o ood/"""
+    from pixelcnn import checks, data, files, rundir
+    from pixelcnn.inference import ood, scoring
+
+    batch_size = batch_size or scoring.BATCH_SIZE
     run_dir, model, _ = load(ctx, checkpoint)
     bg = None
     if background:
-        bg, path = checked(checkpoints.load_for_inference, background)
+        bg, path = checked(rundir.load_for_inference, background)
         click.echo(f"background: EMA weights from {path}", err=True)
         checked(ood.check_background, model, bg)
-    batches = integer_batches(ctx, run_dir, model, split, npz, folder, batch_size)
+    batches = source_batches(ctx, run_dir, model, split, npz, folder, batch_size)
     in_images, _ = checked(scoring.take, batches, num)
     sets = {}
     for source in ood_sets:
@@ -350,3 +386,19 @@ def ood_command(
     write(os.path.join(output, "metrics.md"), ood.markdown(rows))
     checked(files.save_png, ood.roc_image(scores), os.path.join(output, "roc.png"))
     click.echo(ood.markdown(rows))
+
+
+def _report(nbytes: int, model, images, labels, seconds: float) -> str:
+    """One line on a coded set: images, bytes, coded and model bits/dim, images/s."""
+    from pixelcnn.inference import scoring
+
+    scores = scoring.score(model, scoring.array_batches(images, labels))
+    model_bpd = scores.summary()["bits_per_dim"]
+    return (
+        f"{len(images)} images, {nbytes} bytes: {8 * nbytes / images.size:.4f} bits/dim "
+        f"coded, {model_bpd:.4f} bits/dim the model's likelihood, "
+        f"{len(images) / seconds:.1f} images/s"
+    )
+
+
+COMMANDS = (sample, evaluate, complete, export_command, compress, decompress, ood_command)

@@ -12,16 +12,18 @@ tell (``cardinality`` unknown, e.g. after a ``filter``) gets an iterator per pas
 ``tf.data.experimental.assert_cardinality`` declares one.
 
 For the same reason ``close`` never deletes the iterator: it is kept until the process
-exits, which does not delete it either. A ``train`` call keeps two (its splits'), with
-their prefetched batches and, for a shuffled split, the shuffle buffer.
+exits, which does not delete it either (``internals.keep_forever``). A ``train`` call
+keeps two (its splits'), with their prefetched batches and, for a shuffled split, the
+shuffle buffer.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterator
 
 import tensorflow as tf
+
+from pixelcnn import internals
 
 
 class Passes:
@@ -107,5 +109,5 @@ class Passes:
         buffers, until the process exits (an extra reference that is never given back),
         because deleting it can wait up to a minute (the module's doc)."""
         if self._iterator is not None:
-            ctypes.pythonapi.Py_IncRef(ctypes.py_object(self._iterator))
+            internals.keep_forever(self._iterator)
         self._iterator = self._dataset = None

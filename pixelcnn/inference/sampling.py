@@ -21,7 +21,6 @@ only when it lands within that distance of a bin edge.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from pixelcnn import checks, distribute, likelihood
-from pixelcnn.generation import CachedGeneration
+from pixelcnn.inference.generation import CachedGeneration
 
 if TYPE_CHECKING:
     from pixelcnn.model import PixelCNNPP
@@ -39,7 +38,6 @@ __all__ = [
     "BATCH_SIZE",
     "FILL",
     "batch_layout",
-    "Programs",
     "compiled",
     "complete",
     "fixed_batches",
@@ -133,26 +131,6 @@ def _prepare(model, num_images, labels, seed, known_images, known_mask):
     # Drawn eagerly, outside any XLA cluster: the same stream for both samplers.
     mix_u, logistic_u = likelihood.sampling_noise([n, h, w], c, model.num_mixtures, seed_t)
     return labels_t, mix_u, logistic_u, known_x, mask
-
-
-class Programs:
-    """A model's compiled programs (samplers, coders), each built on first use.
-
-    Every ``PixelCNNPP`` holds one (``model.programs``), so the programs live as long as
-    the model and a second call with the same model and batch size reuses its trace.
-    Building is locked: threads sharing a model build each program once.
-    """
-
-    def __init__(self):
-        self._built = {}
-        self._lock = threading.Lock()
-
-    def get(self, key, build):
-        """The program stored under ``key``, built by ``build()`` the first time."""
-        with self._lock:
-            if key not in self._built:
-                self._built[key] = build()
-            return self._built[key]
 
 
 def compiled(model, kind: str):

@@ -1,5 +1,7 @@
-"""Scoring images with a trained model: integer batches from any source, per-image
-log-likelihoods and bits/dim, split over a strategy's replicas."""
+"""Scoring images with a trained model: integer batches of any dataset, per-image
+log-likelihoods and bits/dim, split over a strategy's replicas. Where the images come
+from (a .npz, a folder, a run's own split) is the command line's concern
+(``pixelcnn.cli.sources``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import contract, distribute, likelihood
+from pixelcnn import checks, distribute, likelihood
+from pixelcnn.data import contract
 
 
 def integer_batches(
@@ -32,40 +35,8 @@ def integer_batches(
         else:
             levels = likelihood.to_integers(images, num_bits)
         if labels is not None:
-            labels = tf.cast(tf.reshape(labels, [-1]), tf.int32).numpy()
+            labels = checks.squeeze_labels(np.asarray(labels)).astype(np.int32)
         yield levels.numpy(), labels
-
-
-def source_batches(
-    model, batch_size: int, split: str, npz=None, folder=None, run_dir=None, configs=(), bindings=()
-) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """``integer_batches`` of a .npz, a folder of images (in the file's or sorted path
-    order, as results list them), or else the run's own ``split``, rebuilt from its
-    config. ValueError (or OSError) naming the source when it does not fit the model."""
-    from pixelcnn import config, data, files
-
-    source = f"--npz {npz}" if npz else f"--folder {folder}" if folder else None
-    try:
-        if npz or folder:
-            if npz:
-                arrays = data.load_npz(npz)
-            else:
-                arrays = files.load_image_folder(folder, model.image_shape)
-            if npz and model.num_classes and not data.npz_has_labels(npz):
-                raise ValueError(
-                    f"the model is class-conditional ({model.num_classes} classes) but the "
-                    "file has no 'labels': add one label per image"
-                )
-            ds = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
-        else:
-            train, test = config.run_datasets(run_dir, batch_size, configs, bindings)
-            ds = train if split == "train" else test
-    except (ValueError, OSError) as e:  # the run's own config says what is wrong
-        prefix = f"{source or 'the run dataset'}: " if source or isinstance(e, OSError) else ""
-        raise ValueError(f"{prefix}{e}") from e
-    yield from integer_batches(
-        ds, model.image_shape, model.num_bits, model.num_classes, source or split
-    )
 
 
 def take(
@@ -82,11 +53,14 @@ def take(
         if n is not None and count >= n:
             break
     if not images:
-        raise ValueError("the dataset is empty")
+        raise checks.empty("dataset")
     return np.concatenate(images)[:n], None if labels[0] is None else np.concatenate(labels)[:n]
 
 
-def array_batches(images: np.ndarray, labels: np.ndarray | None, size: int = 256):
+BATCH_SIZE = 64  # images per scoring batch (evaluate, ood, reading a source) by default
+
+
+def array_batches(images: np.ndarray, labels: np.ndarray | None, size: int = BATCH_SIZE):
     """(images, labels) arrays as ``integer_batches``-style pairs of at most ``size``."""
     for i in range(0, len(images), size):
         yield images[i : i + size], None if labels is None else labels[i : i + size]
@@ -131,7 +105,7 @@ def score(model, batches, strategy: tf.distribute.Strategy | None = None) -> Sco
         scores.append(log_prob(images, y if model.num_classes else None).numpy())
         labels.append(y)
     if not scores:
-        raise ValueError("the dataset is empty")
+        raise checks.empty("dataset")
     has_labels = all(y is not None for y in labels)
     return Scores(
         np.concatenate(scores).astype(np.float64),

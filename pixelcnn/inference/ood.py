@@ -11,7 +11,7 @@ Per-image scores (``Scorer``), all in bits per sub-pixel:
     ``train.mutation_rate`` and ``train.l2_weight``, so that it learns the population
     level statistics the ratio cancels.
   * "complexity": -log2 p(x) / D - L(x) / D (Serra et al. 2020, arXiv 1909.11480), L(x)
-    the length in bits of x under a general-purpose lossless compressor (``files.COMPRESSORS``).
+    the length in bits of x under a general-purpose lossless compressor (``image_codecs.COMPRESSORS``).
 Per-pixel maps: ``Scorer.pixel_log_prob`` (nats, [N, H, W], summing to log p(x)).
 Batches: ``TypicalityTest`` (Nalisnick et al. 2019, arXiv 1906.02994).
 Metrics: ``auroc``, ``auprc``, ``fpr_at_tpr``, ``roc_curve``.
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import checks, codec, files, likelihood
+from pixelcnn import checks, files, image_codecs, likelihood
+from pixelcnn.inference import scoring
+from pixelcnn.model import weights_fingerprint
 
 SCORES = ("nll", "likelihood_ratio", "complexity")
 
@@ -38,8 +40,8 @@ SCORES = ("nll", "likelihood_ratio", "complexity")
 # ----------------------------------------------------------------------------- scores
 def compressed_bits(images: np.ndarray, num_bits: int, compressor: str = "png") -> np.ndarray:
     """The exact length in bits of each image [N, H, W, C] losslessly compressed, float64
-    [N] (``files.compress_lossless``)."""
-    encode = files.lossless_encoder(compressor, images.shape[-1], num_bits)
+    [N] (``image_codecs.lossless_encoder``)."""
+    encode = image_codecs.lossless_encoder(compressor, images.shape[-1], num_bits)
     return np.array([8.0 * len(encode(img)) for img in images])
 
 
@@ -68,7 +70,7 @@ class Scorer:
     model: object
     background: object | None = None
     compressor: str = "png"
-    batch_size: int = 64
+    batch_size: int = scoring.BATCH_SIZE
 
     def __post_init__(self):
         if self.background is not None:
@@ -129,15 +131,16 @@ class Scorer:
         default every kind the scorer can compute (the ratio needs a background)."""
         images = np.asarray(images)
         kinds = kinds or [k for k in SCORES if k != "likelihood_ratio" or self.background]
-        dims = float(np.prod(self.model.image_shape)) * math.log(2.0)
-        nll = -self.log_prob(images) / dims  # bits/dim
+        shape = self.model.image_shape
+        nll = likelihood.bits_per_dim(self.log_prob(images), shape)  # float64 [N]
         out = {}
         if "nll" in kinds:
             out["nll"] = nll
         if "likelihood_ratio" in kinds:
             if self.background is None:
                 raise ValueError("the likelihood ratio needs a background model")
-            out["likelihood_ratio"] = nll + self.log_prob(images, self.background) / dims
+            background = likelihood.bits_per_dim(self.log_prob(images, self.background), shape)
+            out["likelihood_ratio"] = nll - background
         if "complexity" in kinds:
             out["complexity"] = complexity(nll, images, self.model.num_bits, self.compressor)
         return out
@@ -232,7 +235,7 @@ class TypicalityTest:
 class Detector:
     """One score and a threshold fitted for a false-positive rate on in-distribution
     images: ``predict`` flags images whose score is above it. Saved as JSON naming the
-    weights (their SHA-256, ``codec.weights_fingerprint``) it was fitted with; loading
+    weights (their SHA-256, ``model.weights_fingerprint``) it was fitted with; loading
     against other weights is refused."""
 
     def __init__(self, scorer: Scorer, score: str = "likelihood_ratio", fpr: float = 0.05):
@@ -264,8 +267,8 @@ class Detector:
     def _identity(self) -> dict:
         background = self.scorer.background
         return {
-            "model": codec.weights_fingerprint(self.scorer.model),
-            "background": None if background is None else codec.weights_fingerprint(background),
+            "model": weights_fingerprint(self.scorer.model),
+            "background": None if background is None else weights_fingerprint(background),
         }
 
     def save(self, path: str) -> None:

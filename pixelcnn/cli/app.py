@@ -1,25 +1,58 @@
-"""Command line: train (single, multigpu, multiworker); on a trained run
-(``pixelcnn.commands``) sample, evaluate, complete, export, compress, decompress, ood.
+"""The command group, its global options, and what the commands share: the options
+that read a run, loading its model, the images to work on, clear errors.
 
-    pixelcnn --config experiments/mnist.gin [--binding "train.batch_size=128"] single
-    pixelcnn --log-dir runs/X sample --num 16
-    pixelcnn --log-dir runs/X evaluate --per-image scores.csv
-    pixelcnn --log-dir runs/X complete --num 8 --keep-rows 14
-    pixelcnn --log-dir runs/X export exported/
-    pixelcnn --log-dir runs/X compress --num 100 -o test.pcnn
-    pixelcnn --log-dir runs/X decompress test.pcnn -o test.npz --png-dir test_png/
-    pixelcnn --log-dir runs/X ood --ood noise=noise.npz --background runs/BG -o ood/
-
-``python main.py ...`` runs the same commands.
+Nothing here imports TensorFlow at module level: ``pixelcnn --help`` and every
+``pixelcnn COMMAND --help`` print without it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
 import click
+
+from pixelcnn.image_codecs import COMPRESSORS  # noqa: F401 (re-exported for the commands)
+
+EXAMPLES = """\b
+Examples:
+  pixelcnn --config experiments/quickstart.gin single
+  pixelcnn --config experiments/mnist.gin --binding "train.batch_size=128" multigpu
+  pixelcnn --log-dir runs/X sample --num 16
+  pixelcnn --log-dir runs/X evaluate --per-image scores.csv
+  pixelcnn --log-dir runs/X compress --num 100 -o test.pcnn
+
+python main.py ... runs the same commands."""
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=EXAMPLES,
+)
+@click.option("--config", "configs", multiple=True, help="A .gin file (repeatable).")
+@click.option("--binding", "bindings", multiple=True, help='e.g. "train.batch_size=128".')
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False),
+    help="Run directory: an existing one resumes (training) or is read (sample, evaluate, "
+    "complete, ...); training creates runs/<time> when omitted.",
+)
+@click.option("--debug", is_flag=True, help="Run eagerly (no tf.function), for debugging.")
+@click.option("--cpu-devices", type=click.IntRange(1), help="Split the CPU into N logical devices.")
+@click.pass_context
+def main(ctx, configs, bindings, log_dir, debug, cpu_devices):
+    """PixelCNN++ for TensorFlow 2: train a model, then sample, evaluate, complete,
+    export, compress and detect out-of-distribution images with it."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    ctx.ensure_object(dict)
+    ctx.obj.update(configs=configs, bindings=bindings, run_dir=log_dir)
+    if cpu_devices:
+        from pixelcnn.distribute import split_cpu
+
+        split_cpu(cpu_devices)
+    if debug:
+        import tensorflow as tf
+
+        tf.config.run_functions_eagerly(True)
 
 
 def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
@@ -34,77 +67,6 @@ def parse_gin(configs: tuple[str, ...], bindings: tuple[str, ...]) -> None:
         raise click.UsageError(str(e)) from e
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "configs", multiple=True, help="A .gin file (repeatable).")
-@click.option("--binding", "bindings", multiple=True, help='e.g. "train.batch_size=128".')
-@click.option(
-    "--log-dir",
-    type=click.Path(file_okay=False),
-    help="Run directory: an existing one resumes (training) or is read (sample, evaluate, complete); training creates runs/<time> when omitted.",
-)
-@click.option("--debug", is_flag=True, help="Run eagerly (no tf.function), for debugging.")
-@click.option("--cpu-devices", type=click.IntRange(1), help="Split the CPU into N logical devices.")
-@click.pass_context
-def main(ctx, configs, bindings, log_dir, debug, cpu_devices):  # --log-dir: the run directory
-    """PixelCNN++ for TensorFlow 2: training, sampling, evaluation, completion, export,
-    lossless compression."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
-    ctx.ensure_object(dict)
-    ctx.obj.update(configs=configs, bindings=bindings, run_dir=log_dir)
-    if cpu_devices:
-        from pixelcnn.distribute import split_cpu
-
-        split_cpu(cpu_devices)
-    if debug:
-        import tensorflow as tf
-
-        tf.config.run_functions_eagerly(True)
-
-
-def _train(ctx, kind: str, device: str | None = None) -> None:
-    from pixelcnn import checkpoints, distribute, faults
-    from pixelcnn import train as training
-
-    parse_gin(ctx.obj["configs"], ctx.obj["bindings"])
-    run_dir = ctx.obj["run_dir"] or checkpoints.new_run_dir()
-    strategy = distribute.make_strategy(kind, device)
-    click.echo(f"run directory: {run_dir} ({strategy.num_replicas_in_sync} replica(s))")
-    try:
-        result = training.train(run_dir, strategy, started=faults.process_start())
-    except faults.TrainingInterrupted as e:
-        click.echo(e.message, err=True)
-        sys.exit(130)
-    except faults.WorkerLost as e:
-        click.echo(f"Error: {e.message}", err=True)
-        sys.exit(1)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(json.dumps(result, indent=2))
-
-
-@main.command()
-@click.option("--device", help="e.g. /cpu:0 or /gpu:1 (default: first GPU, else CPU).")
-@click.pass_context
-def single(ctx, device):
-    """Train on one device."""
-    _train(ctx, "single", device)
-
-
-@main.command()
-@click.pass_context
-def multigpu(ctx):
-    """Train with MirroredStrategy on all local GPUs (or logical CPU devices)."""
-    _train(ctx, "multigpu")
-
-
-@main.command()
-@click.pass_context
-def multiworker(ctx):
-    """Train with MultiWorkerMirroredStrategy across the machines in TF_CONFIG."""
-    _train(ctx, "multiworker")
-
-
-# ------------------------------------------------------------------------ shared by the commands
 def run_dir_of(ctx) -> str:
     import tensorflow as tf
 
@@ -179,33 +141,50 @@ DEVICES = click.option(
 def load(ctx, checkpoint, raw=False, devices=None):
     """(run directory, model, strategy): the run's EMA (or raw) weights, in the scope of
     the strategy ``--devices`` asks for (None without)."""
-    from pixelcnn import checkpoints, distribute
+    from pixelcnn import distribute, rundir
 
     run_dir = run_dir_of(ctx)
     strategy = None if devices is None else distribute.inference_strategy(devices)
-    load = checkpoints.load_for_inference
-    model, path = checked(load, run_dir, checkpoint, not raw, strategy)
+    model, path = checked(rundir.load_for_inference, run_dir, checkpoint, not raw, strategy)
     click.echo(f"loaded {'raw' if raw else 'EMA'} weights from {path}", err=True)
     ctx.obj["loaded"] = f"run {run_dir}, checkpoint {path}, {'raw' if raw else 'EMA'} weights"
     return run_dir, model, strategy
 
 
-def integer_batches(ctx, run_dir, model, split, npz, folder, batch_size):
-    """``scoring.source_batches`` from --npz, --folder or the run's own dataset, every
-    problem as one clear message."""
-    from pixelcnn import scoring
+def source_batches(ctx, run_dir, model, split, npz, folder, batch_size):
+    """``scoring.integer_batches`` of --npz, --folder (in the file's or sorted path
+    order, as results list them), or else the run's own ``split``, rebuilt from its
+    config.gin (with --config and --binding); every problem, named by its source, as
+    one clear message."""
+    import tensorflow as tf
 
-    batches = scoring.source_batches(
-        model, batch_size, split, npz, folder, run_dir, ctx.obj["configs"], ctx.obj["bindings"]
+    from pixelcnn import config, data, files
+    from pixelcnn.inference import scoring
+
+    source = f"--npz {npz}" if npz else f"--folder {folder}" if folder else None
+    try:
+        if npz:
+            arrays = data.load_npz(npz)
+            if model.num_classes and not data.npz_has_labels(npz):
+                raise ValueError(
+                    f"the model is class-conditional ({model.num_classes} classes) but the "
+                    "file has no 'labels': add one label per image"
+                )
+            dataset = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+        elif folder:
+            arrays = files.load_image_folder(folder, model.image_shape)
+            dataset = tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size)
+        else:
+            configs, bindings = ctx.obj["configs"], ctx.obj["bindings"]
+            train, test = config.run_datasets(run_dir, batch_size, configs, bindings)
+            dataset = train if split == "train" else test
+    except (ValueError, OSError) as e:  # the run's own config says what is wrong
+        prefix = f"{source or 'the run dataset'}: " if source or isinstance(e, OSError) else ""
+        raise click.ClickException(f"{prefix}{e}") from e
+    batches = scoring.integer_batches(
+        dataset, model.image_shape, model.num_bits, model.num_classes, source or split
     )
     try:
         yield from batches
-    except ValueError as e:
+    except ValueError as e:  # check_batch's message names the source
         raise click.ClickException(str(e)) from e
-
-
-# The commands that read a trained run register themselves on ``main``.
-from pixelcnn import commands  # noqa: E402, F401
-
-if __name__ == "__main__":
-    main()

@@ -13,10 +13,14 @@ import os
 import re
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
-from pixelcnn import checkpoints, distribute, internals
+from pixelcnn import distribute, internals, rundir
+
+if TYPE_CHECKING:
+    from pixelcnn.training.saver import Saver
 
 
 # ---------------------------------------------------------------------------- exceptions
@@ -91,31 +95,31 @@ class Preemption:
     directories) and raises ``_Preempted``. It counts its calls (one per training step
     of this invocation), so it is given an empty checkpoint of its own in a directory
     nothing is written to: the run's checkpoints are read and written by
-    ``checkpoints.Checkpoints`` alone. Single-process runs keep ``StopRequested``.
+    ``saver.Saver`` alone. Single-process runs keep ``StopRequested``.
 
     An evaluation is one collective computation, so it is abandoned by every worker at
     once or not at all: a flag set by a SIGTERM handler chained in front of TF's is
     summed over the workers before every evaluation batch (``any_worker_signalled``).
     """
 
-    def __init__(self, strategy, saver: checkpoints.Checkpoints, stop: StopRequested):
-        self.handler = None
+    def __init__(self, strategy, saver: Saver, stop: StopRequested):
+        self.handler = self.scratch = None
         self.step = None
         self.signalled = False
         self.stop = stop
         if not distribute.is_multi_worker(strategy):
             return
         self.saver = saver
-        self.scratch = os.path.join(saver.run_dir, f"workertemp_{distribute.task_id(strategy)}")
         config = tf.distribute.experimental.TerminationConfig(
             exit_fn=self._exit, save_fn=self._save
         )
+        own = os.path.join(saver.run_dir, "preemption")
         self.handler = tf.distribute.experimental.PreemptionCheckpointHandler(
-            strategy.cluster_resolver,
-            tf.train.Checkpoint(),
-            os.path.join(saver.run_dir, "preemption"),
-            config,
+            strategy.cluster_resolver, tf.train.Checkpoint(), own, config
         )
+        # the folder the handler writes into on a non-chief worker
+        task = distribute.task_id(strategy)
+        self.scratch = None if saver.chief else internals.preemption_scratch_dir(own, task)
         stop.forward_sigint()
         tf_handler = signal.getsignal(signal.SIGTERM)
 
@@ -176,12 +180,12 @@ class Preemption:
     def remove_scratch(self) -> None:
         """Deletes the folder the handler creates on non-chief workers (it deletes it
         itself only after a preemption)."""
-        if self.handler is not None and not self.saver.chief and tf.io.gfile.exists(self.scratch):
+        if self.scratch is not None and tf.io.gfile.exists(self.scratch):
             tf.io.gfile.rmtree(self.scratch)
 
 
 @contextlib.contextmanager
-def stopping(strategy, saver: checkpoints.Checkpoints, stop: StopRequested):
+def stopping(strategy, saver: Saver, stop: StopRequested):
     """Runs the training loop inside; yields its ``Preemption``. A signal, a cluster's
     preemption or a lost worker leaves a checkpoint at the step reached and becomes
     ``TrainingInterrupted`` or ``WorkerLost`` with how to resume."""
@@ -235,7 +239,7 @@ def _lost_worker_message(error: tf.errors.OpError, run_dir: str) -> str:
     else:
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         why = f"{type(error).__name__}: {(lines[-1] if lines else '')[:300]}"
-    candidates = checkpoints.checkpoint_candidates(run_dir)
+    candidates = rundir.checkpoint_candidates(run_dir)
     resume = (
         f"the newest checkpoint is {candidates[0]}"
         if candidates

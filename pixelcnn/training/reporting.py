@@ -13,8 +13,10 @@ import gin
 import numpy as np
 import tensorflow as tf
 
-from pixelcnn import checkpoints, distribute, faults, files, sampling
-from pixelcnn.trainer import WEIGHTS
+from pixelcnn import distribute, files, rundir
+from pixelcnn.inference import sampling
+from pixelcnn.training import faults
+from pixelcnn.training.trainer import WEIGHTS
 
 
 def eval_run_name(weights: str) -> str:
@@ -196,9 +198,9 @@ class Report:
         if not self.chief:
             return
         try:
-            earlier = checkpoints.read_metrics(self.run_dir) or {}
+            earlier = rundir.read_metrics(self.run_dir) or {}
         except ValueError as e:
-            path = checkpoints.metrics_path(self.run_dir)
+            path = rundir.metrics_path(self.run_dir)
             tf.io.gfile.rename(path, path + ".unreadable", overwrite=True)
             print(f"{e}: moved to {path}.unreadable; metrics.json starts afresh")
             return
@@ -228,5 +230,5 @@ class Report:
         """metrics.json in the run directory (by the chief only)."""
         if self.chief:
             files.write_atomic(
-                checkpoints.metrics_path(self.run_dir), json.dumps(result, indent=2) + "\n"
+                rundir.metrics_path(self.run_dir), json.dumps(result, indent=2) + "\n"
             )
