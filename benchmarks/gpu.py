@@ -13,8 +13,8 @@ what finished:
     with XLA (train.jit_compile), and the peak GPU memory of each row;
   sampling: the cached sampler (``sample_fast``) drawing 16 and 256 images against
     the naive one (a full forward pass per sub-pixel) drawing 16, B1's size;
-  codec: a run's test images compressed in one process and decompressed in another (op
-    determinism on, as the commands set it), exactness, bits/dim and img/s;
+  codec: a run's test images compressed in one process and decompressed in another
+    (format 2: the exact entropy model, on the CPU), exactness, bits/dim and img/s;
   gpu-tests: ``pytest -m gpu`` (cached against naive sampling, the codec round trip,
     float16 training);
   export: the SavedModel export of the codec part's run and its ``sample`` signature.

@@ -31,7 +31,7 @@ class Programs:
 
     def __init__(self):
         self._built = {}
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # a program may build another one it uses
 
     def get(self, key, build):
         """The program stored under ``key``, built by ``build()`` the first time."""

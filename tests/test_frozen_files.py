@@ -1,5 +1,6 @@
-"""Files written by the code of commit 3ff6dc9 (before the big refactor) still read the
-same: tests/data/frozen, written by tests/data/make_frozen_files.py from the model of
+"""Files written by earlier code still read the same: tests/data/frozen, written by
+tests/data/make_frozen_files.py at commit 3ff6dc9 (before the big refactor) and
+tests/data/make_frozen_codec.py (images.pcnn, codec format 2), from the model of
 tests/data/legacy_run (EMA weights)."""
 
 import lzma
@@ -12,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import pixelcnn
-from pixelcnn import codec
+from pixelcnn.inference import codec
 
 DATA = Path(__file__).resolve().parent / "data"
 FROZEN = DATA / "frozen"
@@ -24,23 +25,41 @@ def expected():
         return {k: f[k] for k in f.files}
 
 
-def test_a_frozen_compressed_file_decodes_to_its_images(tmp_path, expected):
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def legacy_model(tmp_path_factory):
+    run = tmp_path_factory.mktemp("legacy") / "run"
     shutil.copytree(DATA / "legacy_run", run)
     model, _ = pixelcnn.load_for_inference(run)
+    return model
+
+
+def test_a_frozen_compressed_file_decodes_to_its_images(legacy_model, expected):
+    """Format 2 decodes exactly on every machine: no excuse for any stack."""
     np.testing.assert_allclose(
-        model.log_prob(expected["images"], expected["labels"]), expected["log_prob_ema"], rtol=1e-6
+        legacy_model.log_prob(expected["images"], expected["labels"]),
+        expected["log_prob_ema"],
+        rtol=1e-6,
     )
     blob = (FROZEN / "images.pcnn").read_bytes()
+    assert codec.read_header(blob)["version"] == 2
+    images, labels = codec.decode(legacy_model, blob)
+    np.testing.assert_array_equal(images, expected["images"])
+    np.testing.assert_array_equal(labels, expected["labels"])
+
+
+def test_a_frozen_file_of_format_1_decodes_or_says_why_not(legacy_model, expected):
+    """Format 1 decodes exactly on the stack that wrote it; elsewhere it warns first and
+    either decodes or fails its checksum with a message naming the format, never
+    returning other images."""
+    blob = (FROZEN / "images_v1.pcnn").read_bytes()
+    assert codec.read_header(blob)["version"] == 1
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            images, labels = codec.decode(model, blob)
-        except codec.CodecError:
-            # Exact decoding is promised on the stack that wrote the file (the header
-            # records it); elsewhere the probabilities may differ, and then the decode
-            # must fail its checksum, never return other images.
-            assert any("another stack" in str(w.message) for w in caught)
+            images, labels = codec.decode(legacy_model, blob)
+        except codec.CodecError as e:
+            assert "a format-1 file's probabilities depend on the stack" in str(e)
+            assert any("format version 1" in str(w.message) for w in caught)
             return
     np.testing.assert_array_equal(images, expected["images"])
     np.testing.assert_array_equal(labels, expected["labels"])

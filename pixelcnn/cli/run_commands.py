@@ -244,11 +244,8 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
     Example: pixelcnn --log-dir runs/X compress --num 100 -o test.pcnn"""
     import time
 
-    import tensorflow as tf
-
     from pixelcnn.inference import codec, scoring
 
-    tf.config.experimental.enable_op_determinism()  # the same kernels when decoding
     run_dir, model, _ = load(ctx, checkpoint, raw_weights)
     batches = source_batches(ctx, run_dir, model, split, npz, folder, scoring.BATCH_SIZE)
     images, labels = checked(scoring.take, batches, num)
@@ -271,7 +268,8 @@ def compress(ctx, checkpoint, split, npz, folder, num, raw_weights, batch_size, 
 )
 @click.pass_context
 def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
-    """Decode a .pcnn file written by `compress` with the same run and weights.
+    """Decode a .pcnn file written by `compress` with the same run and weights, on any
+    machine.
 
     \b
     Example: pixelcnn --log-dir runs/X decompress test.pcnn -o test.npz --png-dir test_png/"""
@@ -284,13 +282,14 @@ def decompress(ctx, source, checkpoint, raw_weights, output, png_dir):
     from pixelcnn import files, image_codecs
     from pixelcnn.inference import codec
 
-    tf.config.experimental.enable_op_determinism()  # as `compress` ran
     with tf.io.gfile.GFile(source, "rb") as f:
         data = f.read()
     try:
-        codec.read_header(data)
+        version = codec.read_header(data)["version"]
     except codec.CodecError as e:
         raise click.ClickException(f"{source}: {e}") from e
+    if version == 1:  # the float32 network's tables: the kernels `compress` ran then
+        tf.config.experimental.enable_op_determinism()
     if png_dir and tf.io.gfile.exists(png_dir) and tf.io.gfile.listdir(png_dir):
         raise click.ClickException(f"--png-dir {png_dir} is not empty: pick a new folder")
     run_dir, model, _ = load(ctx, checkpoint, raw_weights)

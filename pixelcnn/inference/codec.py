@@ -1,29 +1,35 @@
 """Lossless image compression with a trained model: ``encode`` / ``decode``.
 
 Each sub-pixel is range coded (``constriction``'s first-in-first-out range coder) with
-the model's exact distribution over its 2**b values: pixels in raster order, channels in
+the model's distribution over its 2**b values: pixels in raster order, channels in
 order, channel c's distribution conditioned on the channels before it as the likelihood
 defines it (the mixture weights updated by the earlier channels' masses, the means
 shifted by the coupling coefficients). So the coded size is the model's -log2 p of the
 images plus the coder's overhead and the file's header.
 
-Bit-identical probabilities by construction. Encoder and decoder run the same program:
-the cached generation loop of ``pixelcnn.inference.generation`` (plain TF graph, no XLA)
-over batches of exactly ``batch_size`` images, the last one filled up with zero images;
-at each pixel the network's output goes to one Python function (``_PixelCoder``) that
-builds the probability tables in float64 NumPy, then codes the known values (encoder) or
-decodes them (decoder), and returns them as the pixel's value. The decoder therefore
-sees the same network inputs, hence the same float32 outputs and tables, as the encoder,
-provided the software and hardware stack is the same (``STACK_FIELDS``: TensorFlow,
-constriction and NumPy versions, CPU and GPU models, the CPU's vector instruction sets,
-thread count, op determinism): the file records it, decoding on another stack warns
-first, and the SHA-256 of the original pixels it stores decides whether a decode is
-right.
+Encoder and decoder run the same program: the cached generation loop of
+``pixelcnn.inference.generation`` over batches of exactly ``batch_size`` images, the
+last one filled up with zero images; at each pixel the network's output goes to one
+Python function (``_PixelCoder``) that builds the probability tables, codes the known
+values (encoder) or decodes them (decoder), and returns them as the pixel's value.
 
-File format (version 1), little-endian:
+Format 2 (what ``encode`` writes) decodes exactly on any machine: the network and the
+tables are integer arithmetic (``pixelcnn.inference.exact``: post-training quantisation
+of the weights, tables of the nonlinearities), so the probabilities are a pure function
+of the file and the weights, whatever the CPU, its instruction sets, oneDNN, the thread
+count, the TensorFlow patch version or a GPU. A file needs the model's weights (the run
+directory or its checkpoint) and this package.
+
+Format 1 (earlier files) computed the tables from the float32 network: it decodes
+exactly only on the software and hardware stack that wrote it (``STACK_FIELDS``, which
+its header records; decoding elsewhere warns first). In both formats the SHA-256 of the
+original pixels, stored in the file, decides whether a decode is right: wrong images
+are never returned.
+
+File format, little-endian:
 
     8 bytes   magic b"PCNNCODE"
-    2 bytes   format version (uint16) = 1
+    2 bytes   format version (uint16): 2 (1 for earlier files)
     4 bytes   header length L (uint32)
     L bytes   header: UTF-8 JSON (the fields ``encode`` writes), zlib-compressed
     4 W bytes the coded words (uint32) of every batch, batch after batch
@@ -34,6 +40,7 @@ Nothing is pickled. Labels of a class-conditional model are stored in the header
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -46,15 +53,16 @@ import numpy as np
 import tensorflow as tf
 
 from pixelcnn import checks, distribute, internals, likelihood
-from pixelcnn.inference import generation
+from pixelcnn.inference import exact, generation
 from pixelcnn.model import weights_fingerprint
 
 __all__ = ["BATCH_SIZE", "CodecError", "decode", "encode", "read_header", "weights_fingerprint"]
 
 MAGIC = b"PCNNCODE"
-VERSION = 1
+VERSION = 2  # what encode writes: the exact entropy model
+READS = (1, 2)  # 1: the float32 network's tables (decodes on the stack that wrote it)
 BATCH_SIZE = 64  # images per coding batch unless chosen otherwise; the header records it
-FLOOR = 1e-9  # added to every value's probability before the coder normalises the table
+FLOOR = 1e-9  # format 1: added to every value's probability before normalising the table
 _PREFIX = struct.Struct("<8sHI")
 
 
@@ -65,7 +73,8 @@ class CodecError(ValueError):
 
 # ----------------------------------------------------------------------------- tables
 class _PixelTables:
-    """The model's distribution of one pixel's channels, one channel at a time.
+    """Format 1: the model's distribution of one pixel's channels, one channel at a
+    time, from the float32 network (format 2's is ``exact.PixelTables``).
 
     params: float32 [N, P] (the network's output at the pixel). ``table(c)`` gives
     channel c's probabilities over the 2**b values, float64 [N, 2**b], given the values
@@ -118,7 +127,7 @@ class _PixelCoder:
     the first ``count`` images are coded, the rest are the batch's filler (zeros).
     """
 
-    def __init__(self, model, values: np.ndarray, count: int, coder):
+    def __init__(self, model, values: np.ndarray, count: int, coder, version: int):
         import constriction
 
         self.values = values
@@ -130,12 +139,13 @@ class _PixelCoder:
         self.hw = (h, w)
         self.mixtures = model.num_mixtures
         self.bits = model.num_bits
+        self.tables = exact.PixelTables if version == 2 else _PixelTables
 
     def __call__(self, i, j, params):
         i, j = int(i), int(j)
         if i >= self.hw[0] or j >= self.hw[1]:  # a phantom position: nothing to code
             return np.full((len(params), self.channels), -1.0, np.float32)
-        tables = _PixelTables(params, self.channels, self.mixtures, self.bits)
+        tables = self.tables(params, self.channels, self.mixtures, self.bits)
         pixel = self.values[:, i, j]  # [B, C] (a view)
         n = self.count
         for ch in range(self.channels):
@@ -149,16 +159,24 @@ class _PixelCoder:
 
 
 class _CodingProgram:
-    """The coding program for one model and batch size: the cached generation loop
-    (plain TF graph) whose per-pixel choice is a ``_PixelCoder`` of the caller's.
+    """The coding program for one model, format and batch size: the cached generation
+    loop (plain TF graph; format 2's on integers, on the CPU) whose per-pixel choice is
+    a ``_PixelCoder`` of the caller's.
 
     Each ``code`` call registers its coder under a token of its own and passes the token
     into the program, so calls from several threads share the compiled program and
     never each other's coder.
     """
 
-    def __init__(self, model, batch_size: int):
-        plan = generation.CachedGeneration(model, jit=False)
+    def __init__(self, model, batch_size: int, version: int):
+        if version == 2:
+            weights = model.programs.get("exact_weights", lambda: exact.IntegerWeights(model))
+            plan = exact.ExactGeneration(model, weights)
+        else:
+            plan = generation.CachedGeneration(model, jit=False)
+        # Integers are exact on any device; the CPU keeps a GPU's convolution algorithms
+        # (some of which are not sums of products) out of it.
+        self._device = "/cpu:0" if version == 2 else None
         channels = model.image_shape[2]
         self._coders = {}
         self._tokens = itertools.count()
@@ -184,14 +202,17 @@ class _CodingProgram:
         token = next(self._tokens)
         self._coders[token] = coder
         try:
-            return self._fn(labels, tf.constant(0.0), tf.constant(token, tf.int64)).numpy()
+            with tf.device(self._device) if self._device else contextlib.nullcontext():
+                return self._fn(labels, tf.constant(0.0), tf.constant(token, tf.int64)).numpy()
         finally:
             del self._coders[token]
 
 
-def _code_batches(model, values, labels, batch_size, coders):
-    """Runs the program over the batches of ``values`` with one coder per batch."""
-    program = model.programs.get(("codec", batch_size), lambda: _CodingProgram(model, batch_size))
+def _code_batches(model, values, labels, batch_size, coders, version: int):
+    """Runs the program of a format over the batches of ``values``, one coder each."""
+    program = model.programs.get(
+        ("codec", version, batch_size), lambda: _CodingProgram(model, batch_size, version)
+    )
     n = len(values)
     for b, coder in enumerate(coders):
         start = b * batch_size
@@ -204,7 +225,7 @@ def _code_batches(model, values, labels, batch_size, coders):
             y[:count] = labels[start : start + count]
             y = tf.constant(y)
         try:
-            out = program.code(_PixelCoder(model, batch, count, coder), y)
+            out = program.code(_PixelCoder(model, batch, count, coder, version), y)
         except tf.errors.OpError as e:  # raised by the coder inside the program
             raise CodecError(f"batch {b} cannot be coded: {e.message.strip()[:300]}") from e
         values[start : start + count] = batch[:count]
@@ -212,6 +233,7 @@ def _code_batches(model, values, labels, batch_size, coders):
             raise CodecError("the generation program did not reproduce the coded values")
 
 
+# ----------------------------------------------------------------------------- format
 def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
     digest = hashlib.sha256(np.ascontiguousarray(images, "<i4").tobytes())
     if labels is not None:
@@ -220,7 +242,8 @@ def _pixels_fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
 
 
 def _stack() -> dict:
-    """The software and hardware the probabilities depend on (the header records it)."""
+    """The software and hardware a format-1 file's probabilities depend on (the header
+    records it; format 2 records it too, for information only)."""
     from importlib.metadata import version
 
     return {
@@ -251,12 +274,14 @@ def encode(
       weights: where the weights came from (run, checkpoint, EMA or raw), recorded in
         the header so that a decode with other weights can say which ones it needs.
     Returns:
-      the file's bytes (format: module docstring).
-
-    On a GPU, call ``tf.config.experimental.enable_op_determinism()`` before encoding
-    and decoding (the commands do): cuDNN may otherwise pick different convolution
-    algorithms in the two processes. The header records whether it was on.
+      the file's bytes (format 2: module docstring), which ``decode`` reads back
+      exactly on any machine with the same weights.
     """
+    return _encode(model, images, labels, batch_size, weights, VERSION)
+
+
+def _encode(model, images, labels, batch_size, weights, version: int) -> bytes:
+    """``encode`` in a given format (1 only to test that earlier files still decode)."""
     images = np.asarray(images)
     if images.ndim != 4 or images.shape[0] < 1:
         raise ValueError(f"images must be int [N, H, W, C] with N >= 1, got shape {images.shape}")
@@ -268,11 +293,11 @@ def encode(
 
     coders = [constriction.stream.queue.RangeEncoder() for _ in range(-(-n // batch_size))]
     values = images.astype(np.int64)
-    _code_batches(model, values, labels, batch_size, coders)
+    _code_batches(model, values, labels, batch_size, coders, version)
     words = [c.get_compressed().astype("<u4") for c in coders]
     header = {
         "format": "pixelcnn-codec",
-        "version": VERSION,
+        "version": version,
         "image_shape": [int(d) for d in model.image_shape],
         "num_bits": int(model.num_bits),
         "count": n,
@@ -283,11 +308,11 @@ def encode(
         "weights_sha256": weights_fingerprint(model),
         "pixels_sha256": _pixels_fingerprint(images, labels),
         "coder": "constriction RangeEncoder (queue), Categorical(perfect=False)",
-        "floor": FLOOR,
+        **({"entropy_model": exact.SETTINGS} if version == 2 else {"floor": FLOOR}),
         **_stack(),
     }
     text = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
-    body = _PREFIX.pack(MAGIC, VERSION, len(text)) + text + b"".join(w.tobytes() for w in words)
+    body = _PREFIX.pack(MAGIC, version, len(text)) + text + b"".join(w.tobytes() for w in words)
     return body + hashlib.sha256(body).digest()
 
 
@@ -302,17 +327,18 @@ def read_header(data: bytes) -> dict:
     if len(data) < _PREFIX.size + 32 or data[:8] != MAGIC:
         raise CodecError("not a pixelcnn compressed file (no PCNNCODE magic at its start)")
     _, version, length = _PREFIX.unpack_from(data)
+    known = " or ".join(map(str, READS))
     if hashlib.sha256(data[:-32]).digest() != data[-32:]:
-        if version != VERSION:
+        if version not in READS:
             raise CodecError(
                 f"the file is damaged, or of a format version ({version}) this pixelcnn "
-                f"does not know (it reads version {VERSION})"
+                f"does not know (it reads versions {known})"
             )
         raise CodecError("the file is damaged: its SHA-256 does not match (truncated or altered)")
-    if version != VERSION:
+    if version not in READS:
         raise CodecError(
-            f"format version {version} is not known to this pixelcnn (it reads version "
-            f"{VERSION}): decode with the pixelcnn version that wrote the file"
+            f"format version {version} is not known to this pixelcnn (it reads versions "
+            f"{known}): decode with the pixelcnn version that wrote the file"
         )
     try:
         header = json.loads(zlib.decompress(data[_PREFIX.size : _PREFIX.size + length]))
@@ -330,6 +356,8 @@ def read_header(data: bytes) -> dict:
     words = data[_PREFIX.size + length : -32]
     if len(words) != 4 * sum(header["batch_words"]):
         raise CodecError("the file's length does not match its header (truncated or altered)")
+    if header["version"] != version:
+        raise CodecError("the file's header and prefix name different format versions")
     header["_words_at"] = _PREFIX.size + length
     return header
 
@@ -339,7 +367,9 @@ def decode(model, data: bytes):
 
     Returns (images int32 [N, H, W, C], labels int32 [N] or None). CodecError for a
     damaged file, another model, an unknown version, or a decode that does not match
-    the checksum of the original pixels (then nothing is returned).
+    the checksum of the original pixels (then nothing is returned). A format-2 file
+    decodes on any machine; a format-1 file where it was written (elsewhere a warning
+    comes first).
     """
     header = read_header(data)
     if header["weights_sha256"] != weights_fingerprint(model):
@@ -351,13 +381,19 @@ def decode(model, data: bytes):
     shape = (*header["image_shape"],)
     if shape != tuple(model.image_shape) or header["num_bits"] != model.num_bits:
         raise CodecError(f"the file holds {shape} images of {header['num_bits']} bits")
+    version = header["version"]
+    if version == 2 and header.get("entropy_model") != exact.SETTINGS:
+        raise CodecError(
+            "the file's exact entropy model has other settings than this pixelcnn's: "
+            "decode with the pixelcnn version that wrote it"
+        )
     stack = _stack()
     changed = [k for k in STACK_FIELDS if header.get(k) != stack[k]]
-    if changed:
+    if version == 1 and changed:
         warnings.warn(
-            "the file was written on another stack ("
+            "the file (format version 1) was written on another stack ("
             + "; ".join(f"{k}: {header.get(k)} there, {stack[k]} here" for k in changed)
-            + "): the probabilities may differ, and the decode may not verify",
+            + "): its probabilities may differ here, and the decode may not verify",
             stacklevel=2,
         )
     import constriction
@@ -374,12 +410,17 @@ def decode(model, data: bytes):
         at += 4 * count
     n = header["count"]
     values = np.zeros((n, *shape), np.int64)
-    _code_batches(model, values, labels, header["batch_size"], coders)
+    _code_batches(model, values, labels, header["batch_size"], coders, version)
     images = values.astype(np.int32)
     if _pixels_fingerprint(images, labels) != header["pixels_sha256"]:
+        why = (
+            "a format-1 file's probabilities depend on the stack that wrote it: decode "
+            "it there (files this pixelcnn writes, format 2, decode on any machine)"
+            if version == 1
+            else "the probabilities differed from the encoder's"
+        )
         raise CodecError(
-            "the decoded pixels do not match the checksum of the originals: the "
-            "probabilities differed from the encoder's (another software or hardware "
-            "stack?); the decoded images are wrong and were not returned"
+            f"the decoded pixels do not match the checksum of the originals: {why}; the "
+            "decoded images are wrong and were not returned"
         )
     return images, labels

@@ -103,6 +103,40 @@ class CachedGeneration:
     def model(self):
         return self._model()
 
+    # ------------------------------------------------------------------ numerics
+    # The network's arithmetic, in one place each: ``exact.ExactGeneration`` replaces
+    # these to run the same schedule on integers.
+    def _layer_weights(self, model) -> dict:
+        """id(layer) -> (kernel, bias) in the program's dtype, computed once per run."""
+        return {
+            id(layer): (
+                tf.cast(layer.weight_normed_kernel(), self.dtype),
+                tf.cast(layer.b, self.dtype),
+            )
+            for layer in model.convolutions()
+        }
+
+    def _concat_elu(self, x):
+        return concat_elu(x)
+
+    def _elu(self, x):
+        return tf.nn.elu(x)
+
+    def _gate(self, block, x, c, h):
+        return block.gate(x, c, h)
+
+    def _params(self, y):
+        """The output layer's result as ``emit`` gets it: float32."""
+        return tf.cast(y, tf.float32)
+
+    def _pixel_input(self, value):
+        """A pixel's value (float32 [N, C] on the grid) as the image stream holds it."""
+        return tf.cast(value, self.dtype)
+
+    def _one(self) -> float:
+        """The ones channel's value."""
+        return 1.0
+
     # ------------------------------------------------------------------ primitives
     def _linear(self, layer, x):
         """``layer.preactivation(x)`` on an already padded window x, with the weight-normed
@@ -215,12 +249,12 @@ class CachedGeneration:
     # ------------------------------------------------------------------ u stream (rows)
     def _u_resnet_row(self, block, state, key, x, aux, h):
         """The next row of a down-shifted gated resnet's output; x, aux: [N, 1, Wr, *]."""
-        c = self._linear(block.conv1, self._row_window(state, key + "/c1", concat_elu(x)))
+        c = self._linear(block.conv1, self._row_window(state, key + "/c1", self._concat_elu(x)))
         if aux is not None:
-            c = c + self._linear(block.nin_aux, concat_elu(aux))
+            c = c + self._linear(block.nin_aux, self._concat_elu(aux))
         # (dropout is the identity at training=False)
-        c = self._linear(block.conv2, self._row_window(state, key + "/c2", concat_elu(c)))
-        return block.gate(x, c, h)
+        c = self._linear(block.conv2, self._row_window(state, key + "/c2", self._concat_elu(c)))
+        return self._gate(block, x, c, h)
 
     def _new_row(self, i, top: int, state, h):
         """Everything due at the start of image row i, where i % 2**top == 0 (top static).
@@ -284,10 +318,12 @@ class CachedGeneration:
     # ------------------------------------------------------------------ ul stream (positions)
     def _ul_resnet_pos(self, block, state, prev, key, b, x, aux, h):
         """Position b (current row) of a down-right gated resnet; x, aux: [N, 1, 1, *]."""
-        window = self._pos_window(state, prev, key + "/c1", b, concat_elu(x))
-        c = self._linear(block.conv1, window) + self._linear(block.nin_aux, concat_elu(aux))
-        c = self._linear(block.conv2, self._pos_window(state, prev, key + "/c2", b, concat_elu(c)))
-        return block.gate(x, c, h)
+        window = self._pos_window(state, prev, key + "/c1", b, self._concat_elu(x))
+        c = self._linear(block.conv1, window) + self._linear(block.nin_aux, self._concat_elu(aux))
+        c = self._linear(
+            block.conv2, self._pos_window(state, prev, key + "/c2", b, self._concat_elu(c))
+        )
+        return self._gate(block, x, c, h)
 
     def _pixel(self, i, j, t: int, top: int, state, prev, rows, h):
         """The ul-type values due at pixel (i, j); returns the network's last ul [N, 1, 1, F].
@@ -382,13 +418,7 @@ class CachedGeneration:
         model = self.model
         height, width, _ = model.image_shape
         hp = self.padded_hw[0]
-        self._weights = {
-            id(layer): (
-                tf.cast(layer.weight_normed_kernel(), self.dtype),
-                tf.cast(layer.b, self.dtype),
-            )
-            for layer in model.convolutions()
-        }
+        self._weights = self._layer_weights(model)
         h = model.one_hot(labels)
         read_only = ("/prev",)
 
@@ -431,11 +461,11 @@ class CachedGeneration:
         model = self.model
         height, width, _ = model.image_shape
         n = ul.shape[0]
-        params = tf.cast(self._linear(model.out_nin, tf.nn.elu(ul)), tf.float32)
+        params = self._params(self._linear(model.out_nin, self._elu(ul)))
         value = emit(i, j, params[:, 0, 0])
         state["out"] = self._put(state["out"], value[:, None, None, :], i, j)
-        ones = tf.ones([n, 1], self.dtype)
-        pixel = tf.concat([tf.cast(value, self.dtype), ones], -1)[:, None, None, :]
+        ones = tf.fill([n, 1], tf.constant(self._one(), self.dtype))
+        pixel = tf.concat([self._pixel_input(value), ones], -1)[:, None, None, :]
         real = tf.logical_and(i < height, j < width)
         pixel = tf.where(real, pixel, tf.zeros_like(pixel))
         state["x/cur"] = self._put(state["x/cur"], pixel, 0, j + 1)

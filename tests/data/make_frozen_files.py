@@ -2,8 +2,9 @@
 (3ff6dc910c1d3a86de1aa6f858c664e60713f9a1), before the big refactor, for
 tests/test_frozen_files.py to prove that later code still reads them.
 
-  images.pcnn   5 random 5x6x1 images (labels 0/1) compressed by pixelcnn.inference.codec.encode
-                with the EMA weights of tests/data/legacy_run
+  images_v1.pcnn  5 random 5x6x1 images (labels 0/1) compressed by codec.encode (format 1)
+                with the EMA weights of tests/data/legacy_run (written as images.pcnn, since
+                renamed: images.pcnn is now format 2, by tests/data/make_frozen_codec.py)
   export/       pixelcnn.inference.serving.export of tests/data/legacy_run (EMA weights,
                 sample_batch_size 4): export/1 is the SavedModel, except that its
                 saved_model.pb (5.9 MB: the unrolled sampling graph) is stored
