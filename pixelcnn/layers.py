@@ -179,10 +179,13 @@ def shift_padding(shift: str | None, kernel_size: tuple[int, int]) -> list[list[
 class _WeightNorm(keras.layers.Layer):
     """Shared weight-norm machinery: direction ``v``, per-unit scale ``g``, bias ``b``.
 
-    Subclasses define ``linear_map(x, kernel)`` (the map without bias, on an input
-    already padded), ``_unit_kernel()`` (v / ||v||) and ``weight_normed_kernel()``
-    (g * v / ||v||); the fast sampler applies ``linear_map`` to its cached windows.
+    Subclasses define ``OUTPUT_AXIS`` (the kernel's output-unit axis: ``v`` is
+    normalised over the others), ``linear_map(x, kernel)`` (the map without bias, on an
+    input already padded) and ``weight_normed_kernel()`` (g * v / ||v||); the fast
+    sampler applies ``linear_map`` to its cached windows.
     """
+
+    OUTPUT_AXIS: int
 
     def __init__(self, filters: int, init_scale: float = 1.0, **kwargs):
         # No autocast: the kernel is normalised in float32 and cast once to the compute
@@ -200,8 +203,10 @@ class _WeightNorm(keras.layers.Layer):
         self.g = self.add_weight(name="g", shape=(self.filters,), initializer="ones")
         self.b = self.add_weight(name="b", shape=(self.filters,), initializer="zeros")
 
-    def _direction(self, norm_axes: list[int]) -> tf.Tensor:
+    def _unit_kernel(self) -> tf.Tensor:
+        """v / ||v||, each output unit's slice normalised."""
         v = tf.convert_to_tensor(self.v)
+        norm_axes = [a for a in range(4) if a != self.OUTPUT_AXIS]
         return v * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=norm_axes, keepdims=True))
 
     def preactivation(self, x: tf.Tensor) -> tf.Tensor:
@@ -237,6 +242,8 @@ class WeightNormConv2D(_WeightNorm):
       init_scale: std of the pre-activations after data-dependent init.
     """
 
+    OUTPUT_AXIS = 3  # kernel [kh, kw, in, out]
+
     def __init__(
         self,
         filters: int,
@@ -254,9 +261,6 @@ class WeightNormConv2D(_WeightNorm):
 
     def build(self, input_shape):
         self._make_weights((*self.kernel_size, int(input_shape[-1]), self.filters))
-
-    def _unit_kernel(self) -> tf.Tensor:
-        return self._direction([0, 1, 2])
 
     def weight_normed_kernel(self) -> tf.Tensor:
         """g * v / ||v||: the kernel the layer applies (float32, the variables' dtype)."""
@@ -339,6 +343,8 @@ class WeightNormConv2DTranspose(_WeightNorm):
     convs that round up.
     """
 
+    OUTPUT_AXIS = 2  # kernel [kh, kw, out, in]
+
     def __init__(
         self,
         filters: int,
@@ -356,9 +362,6 @@ class WeightNormConv2DTranspose(_WeightNorm):
     def build(self, input_shape):
         # conv2d_transpose kernels are [kh, kw, out, in].
         self._make_weights((*self.kernel_size, self.filters, int(input_shape[-1])))
-
-    def _unit_kernel(self) -> tf.Tensor:
-        return self._direction([0, 1, 3])
 
     def weight_normed_kernel(self) -> tf.Tensor:
         return self._unit_kernel() * self.g[:, None]

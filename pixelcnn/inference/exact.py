@@ -44,7 +44,6 @@ import tensorflow as tf
 
 from pixelcnn import checks, likelihood
 from pixelcnn.inference.generation import CachedGeneration
-from pixelcnn.layers import WeightNormConv2DTranspose
 
 FRACTION_BITS = 12  # activations, means, log scales and coefficients: q / 2^12
 LIKELIHOOD_BITS = 18  # bin edges, means and observed values in the likelihood: q / 2^18
@@ -174,7 +173,7 @@ def _effective_kernel(layer) -> np.ndarray:
     """g v / ||v|| in float64 with correctly rounded operations only (see the module)."""
     v = layer.v.numpy().astype(np.float64)
     g = layer.g.numpy().astype(np.float64)
-    out_axis = 2 if isinstance(layer, WeightNormConv2DTranspose) else 3
+    out_axis = layer.OUTPUT_AXIS
     moved = np.moveaxis(v, out_axis, 0).reshape(v.shape[out_axis], -1)
     norms = np.array([math.sqrt(math.fsum(row * row)) for row in moved])
     shape = [1, 1, 1, 1]
@@ -189,8 +188,7 @@ def _quantise_layer(layer, name: str) -> tuple[np.ndarray, np.ndarray, int]:
     exponent = WEIGHT_BITS - math.frexp(top)[1] if top > 0 else 0  # |kernel| 2^e < 2^15
     kernel_q = np.rint(kernel * 2.0**exponent)
     bias_q = np.rint(layer.b.numpy().astype(np.float64) * 2.0 ** (exponent + FRACTION_BITS))
-    out_axis = 2 if isinstance(layer, WeightNormConv2DTranspose) else 3
-    terms = kernel.size // kernel.shape[out_axis]
+    terms = kernel.size // kernel.shape[layer.OUTPUT_AXIS]
     bound = terms * 2.0 ** (WEIGHT_BITS + ACTIVATION_BITS + 1) + float(np.max(np.abs(bias_q)))
     if bound >= EXACT:
         raise ValueError(
