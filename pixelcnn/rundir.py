@@ -8,7 +8,8 @@ run_dir/
   model.json             the model's constructor arguments (and training precision)
   metrics.json           the last evaluation, every evaluation, the samples (rewritten at
                          each evaluation, at exit and at a signal; a resume keeps its history)
-  checkpoints/           tf.train.Checkpoint: model, ema, optimizer, step, epoch;
+  checkpoints/           tf.train.Checkpoint: model, ema, optimizer, step, epoch,
+                         the schedule's progress;
   train/, eval/, eval_raw/  TensorBoard summaries
   samples/               PNG sample grids
 

@@ -99,7 +99,7 @@ class Preemption:
 
     An evaluation is one collective computation, so it is abandoned by every worker at
     once or not at all: a flag set by a SIGTERM handler chained in front of TF's is
-    summed over the workers before every evaluation batch (``any_worker_signalled``).
+    combined over the workers before every evaluation batch (``should_stop``).
     """
 
     def __init__(self, strategy, saver: Saver, stop: StopRequested):
@@ -128,17 +128,16 @@ class Preemption:
             tf_handler(signum, frame)
 
         signal.signal(signal.SIGTERM, note_and_pass_on)
-        # This worker's flag as a variable (a reduce of a host constant has no device to
-        # reduce to), summed over the workers as distribute.broadcast_from_first_replica
-        # reduces its variables.
+        # This worker's value as a variable (a collective of a host constant has no
+        # device to run on), gathered from every replica (ReduceOp has no MAX).
         with strategy.scope():
-            self._flag = tf.Variable(0.0, trainable=False)
+            self._value = tf.Variable(0.0, trainable=False)
 
-        def total():
+        def largest():
             ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce(tf.distribute.ReduceOp.SUM, self._flag * 1.0)
+            return tf.reduce_max(ctx.all_gather(tf.reshape(self._value * 1.0, [1]), axis=0))
 
-        self._total = tf.function(total, autograph=False)
+        self._max = tf.function(largest, autograph=False)
         self._strategy = strategy
 
     def should_stop(self) -> bool:
@@ -153,11 +152,14 @@ class Preemption:
         """Whether ``flag`` is true on any worker (a collective in a multi-worker run:
         every worker calls it at the same point), so that decisions each worker makes
         from its own clock, such as the time budget's, are the same on all."""
+        return self.largest(1.0 if flag else 0.0) > 0
+
+    def largest(self, value: float) -> float:
+        """The largest of every worker's ``value`` (a collective, as ``any_worker``)."""
         if self.handler is None:
-            return flag
-        self._flag.assign(1.0 if flag else 0.0)
-        summed = self._strategy.run(self._total)
-        return float(self._strategy.experimental_local_results(summed)[0]) > 0
+            return value
+        self._value.assign(value)
+        return float(self._strategy.experimental_local_results(self._strategy.run(self._max))[0])
 
     def _save(self, *args, **kwargs) -> None:
         self.step = distribute.value(self.saver.trainer.step)
@@ -297,6 +299,25 @@ class Deadline:
         if self.first_step is None:  # its time is mostly the trace: no estimate yet
             self.first_step = step_seconds
             return time.monotonic() + 2 * step_seconds < self.end
+        reserve = self._reserve(step_seconds, eval_seconds, save_seconds, grid, grid_seconds)
+        return time.monotonic() + step_seconds + reserve < self.end
+
+    def elapsed_fraction(
+        self, step_seconds: float, eval_seconds, save_seconds, grid=False, grid_seconds=None
+    ) -> float:
+        """How much of the budget's training time has passed, in [0, 1]: the time since
+        the start over the time from the start to where the last step must end (the
+        budget less what ``leaves_time`` keeps for the end). 0 before the first step's
+        time is known; the arguments are ``leaves_time``'s."""
+        if self.end is None or self.first_step is None:
+            return 0.0
+        reserve = self._reserve(step_seconds, eval_seconds, save_seconds, grid, grid_seconds)
+        training = max(self.end - reserve - self.start, 1e-9)
+        return min(1.0, max(0.0, (time.monotonic() - self.start) / training))
+
+    def _reserve(self, step_seconds, eval_seconds, save_seconds, grid, grid_seconds) -> float:
+        """Seconds kept after the last step: the final evaluation, checkpoint, grid,
+        a margin and the exit."""
         if eval_seconds is not None:
             # a final evaluation can take longer than the one before it (a loaded
             # machine, a cold cache): half as much again is kept in reserve
@@ -317,7 +338,7 @@ class Deadline:
             finish += min(self.GRID_SHARE * (self.end - self.start), self.GRID_MAX)
         # a step's time for the loss's noise, and the process's exit after the return
         margin = max(2.0, 2 * step_seconds) + EXIT_SECONDS
-        return time.monotonic() + step_seconds + finish + save + margin < self.end
+        return finish + save + margin
 
     def seconds_left(self, save_seconds) -> float | None:
         """Seconds until the last checkpoint must begin for the process to exit in

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from pixelcnn import checks, data, distribute, rundir
 from pixelcnn.training import faults, passes, reporting
 from pixelcnn.training.saver import Saver
+from pixelcnn.training.trainer import ema_cap_step
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,6 +53,33 @@ class LoopOptions:
         checks.check_positive_int(self.raw_eval_every, "train.raw_eval_every")
 
 
+class Progress:
+    """The run's progress in [0, 1] for a schedule that anneals to the run's end
+    (``trainer.LearningRate``), from whichever end comes first: the steps done over the
+    steps the run takes (``max_steps``, or ``max_epoch`` times the batches of an epoch
+    when the data's length is known), or the elapsed share of the time budget's
+    training time (``faults.Deadline.elapsed_fraction``). A resumed run goes on from
+    the progress its checkpoint holds: by steps it continues the same schedule exactly;
+    under a time budget (which counts from this invocation's start) the progress left
+    is spread over the new budget. It never goes back."""
+
+    def __init__(self, total_steps: int | None, budgeted: bool, restored: float):
+        if total_steps is None and not budgeted:
+            raise ValueError(
+                "a learning rate schedule that ends with the run needs to know the end: "
+                "bind train.max_steps or train.max_minutes, or give the training data a "
+                "known length (tf.data.experimental.assert_cardinality)"
+            )
+        self.total_steps, self.restored, self.value = total_steps, restored, restored
+
+    def at(self, step: int, time_fraction: float = 0.0) -> float:
+        """The progress before the step after ``step`` earlier ones."""
+        by_steps = 0.0 if self.total_steps is None else step / max(self.total_steps, 1)
+        by_time = self.restored + (1.0 - self.restored) * time_fraction
+        self.value = min(1.0, max(self.value, by_steps, by_time))
+        return self.value
+
+
 class Loop:
     """The epochs of one ``train`` invocation."""
 
@@ -67,6 +95,7 @@ class Loop:
         self.stop = self.preemption = None  # from run(): faults.StopRequested, faults.stopping
         self.step_seconds = None  # the last training step's, for the budget
         self.budgeted = False  # whether any worker has a time budget
+        self.progress = None  # a schedule's ``Progress``, from run(); None: not needed
         self.evaluations = 0
         self.images = 0
 
@@ -146,6 +175,10 @@ class Loop:
 
         per_epoch = mutated if rate else None
         self.train = passes.Passes(trainer.strategy, train_ds, first, skip, per_epoch)
+        if trainer.schedule.kind != "exponential":
+            self.progress = Progress(self.total_steps(), self.budgeted, trainer.progress_value())
+            self.set_progress()
+        self.note_ema_cap()
         trainer.trace_for(train_spec=self.train.element_spec)
         stopped = None
         while stopped is None and distribute.value(trainer.epoch) < options.max_epoch:
@@ -214,7 +247,47 @@ class Loop:
                     return "max_steps"
                 if self.out_of_time(seconds):
                     return "max_minutes"
+                if self.progress is not None:
+                    self.set_progress(seconds)
         return None
+
+    def total_steps(self) -> int | None:
+        """The steps the run takes by max_steps and max_epoch, None when unknown."""
+        ends = [self.options.max_steps]
+        if self.train.batches is not None:
+            ends.append(self.options.max_epoch * self.train.batches)
+        ends = [e for e in ends if e is not None]
+        return min(ends) if ends else None
+
+    def note_ema_cap(self) -> None:
+        """Says so when the run ends before train.ema_decay caps the EMA's warm-up: the
+        average is then set by train.ema_warmup alone."""
+        trainer, total = self.trainer, self.total_steps()
+        cap = ema_cap_step(trainer.ema_decay, trainer.ema_warmup)
+        if self.chief and total is not None and total < cap < math.inf:
+            print(
+                f"note: train.ema_decay = {trainer.ema_decay:g} would cap the EMA's decay "
+                f"from step {math.ceil(cap):,}, after this run's {total:,} steps: the average "
+                f"is set by train.ema_warmup = {trainer.ema_warmup:g} alone (step u's weights "
+                f"count about as u^{trainer.ema_warmup - 2:g}; trainer.ema_decay_at)"
+            )
+
+    def set_progress(self, step_seconds: float | None = None) -> None:
+        """Sets the schedule's progress for the next step (the same on every worker:
+        each worker's clock is read, the largest share is taken)."""
+        fraction = 0.0
+        if self.budgeted and step_seconds is not None:
+            report = self.report
+            fraction = self.deadline.elapsed_fraction(
+                step_seconds,
+                report.eval_seconds,
+                self.saver.seconds,
+                self.options.images_to_log > 0,
+                report.grid_seconds,
+            )
+            fraction = self.preemption.largest(fraction)
+        step = distribute.value(self.trainer.step)
+        self.trainer.set_progress(self.progress.at(step, fraction))
 
     def out_of_time(self, step_seconds: float) -> bool:
         """Whether the time budget ends the training now (on every worker at once: a

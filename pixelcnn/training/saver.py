@@ -1,5 +1,5 @@
 """Checkpoints while training: the run's ``tf.train.Checkpoint`` (model, EMA,
-optimizer, epoch, step in the epoch), its manager and the save timer. Restoring goes
+optimizer, epoch, step in the epoch, the schedule's progress), its manager and the save timer. Restoring goes
 through ``rundir`` (the newest checkpoint that reads back whole), as loading for
 inference does."""
 
@@ -31,13 +31,18 @@ class Saver:
             if self.chief
             else os.path.join(run_dir, f"tmp_worker_{distribute.task_id(strategy)}")
         )
-        self.checkpoint = tf.train.Checkpoint(
+        state = dict(
             model=trainer.model.checkpointable(),
             ema=trainer.ema.checkpointable(),
             optimizer=trainer.optimizer,
             epoch=trainer.epoch,
             step_in_epoch=trainer.step_in_epoch,
         )
+        # The schedule's progress is saved too; checkpoints written before it existed
+        # lack it, so it is restored apart from the state every checkpoint holds whole.
+        self.checkpoint = tf.train.Checkpoint(**state, schedule_progress=trainer.progress)
+        self._state = tf.train.Checkpoint(**state)
+        self._progress = tf.train.Checkpoint(schedule_progress=trainer.progress)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.directory, keep)
         self.every_seconds = 60.0 * every_minutes
         self.last = time.monotonic()
@@ -51,7 +56,8 @@ class Saver:
         candidates = rundir.checkpoint_candidates(self.run_dir)
         if not candidates:
             return False
-        path = rundir.restore_newest_good(self.checkpoint, candidates, partial=False)
+        path = rundir.restore_newest_good(self._state, candidates, partial=False)
+        self._progress.restore(path).expect_partial()  # stays 0 where the file lacks it
         print(f"resumed from {path} at step {distribute.value(self.trainer.step)}")
         return True
 

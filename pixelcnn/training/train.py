@@ -12,8 +12,11 @@ The bindings of ``train``, gathered into the typed options they configure:
   dataset_fn: see ``pixelcnn.data.contract``; the images' (H, W, C) decide the model's
     image_shape unless ``PixelCNNPP.image_shape`` is bound (then they must match).
   ``trainer.TrainerOptions`` (how the weights are optimised and averaged):
-    learning_rate, learning_rate_decay (a factor every step), beta_1, beta_2: Adam, the
-    authors' defaults; warmup_steps: the rate ramped up linearly over the first steps;
+    learning_rate, beta_1, beta_2: Adam, the authors' defaults; schedule: the rate's
+    course ("exponential", the authors': times learning_rate_decay every step;
+    "cosine" or "linear": down to learning_rate_floor times the rate at the run's end,
+    taken from max_steps, max_epoch or the time budget, whichever comes first,
+    ``loop.Progress``); warmup_steps: the rate ramped up linearly over the first steps;
     clip_norm: the global norm each batch's gradient is clipped to (None: not clipped);
     ema_decay, ema_warmup: Polyak averaging, min(ema_decay, (1 + t) / (ema_warmup + t))
     at step t (``trainer.ema_decay_at``: 10, TensorFlow's warm-up, averages about the
@@ -65,7 +68,9 @@ def train(
     dataset_fn=gin.REQUIRED,
     batch_size: int = 16,
     learning_rate: float = 1e-3,
+    schedule: str = "exponential",
     learning_rate_decay: float = 0.999995,
+    learning_rate_floor: float = 0.0,
     beta_1: float = 0.95,
     beta_2: float = 0.9995,
     ema_decay: float = 0.9995,

@@ -5,6 +5,7 @@ evaluation steps, under a tf.distribute strategy, configured by ``TrainerOptions
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import keras
 import tensorflow as tf
@@ -33,23 +34,65 @@ def draw_initial_weights(model: PixelCNNPP, seed: int) -> None:
             v.assign(rng.normal(v.shape, 0.0, 0.05, dtype=v.dtype))
 
 
-class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """The rate of the step after ``step`` earlier ones: ``rate * decay**step`` (the
-    authors' per-step decay; the original TF2 code decayed per epoch by mistake), ramped
-    up linearly over the first ``warmup_steps`` steps ((step + 1) / warmup_steps)."""
+SCHEDULES = ("exponential", "cosine", "linear")  # train.schedule
 
-    def __init__(self, rate: float, decay: float, warmup_steps: int = 0):
+
+def check_schedule(kind: str) -> None:
+    if kind not in SCHEDULES:
+        raise ValueError(f"train.schedule must be one of {list(SCHEDULES)}, got {kind!r}")
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """The rate of the step after ``step`` earlier ones, ramped up linearly over the
+    first ``warmup_steps`` steps ((step + 1) / warmup_steps), times the schedule's
+    factor:
+
+    - "exponential": ``decay**step`` (the authors' per-step decay; the original TF2
+      code decayed per epoch by mistake), whatever the run's length;
+    - "cosine", "linear": from 1 down to ``floor`` at the run's end, by half a cosine
+      or a straight line in the run's progress p (0 at its start, 1 at its end), read
+      from the ``progress`` variable, which the loop sets before every step from the
+      run's known end (``loop.Progress``: max_steps, max_epoch or the time budget).
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        decay: float,
+        warmup_steps: int = 0,
+        kind: str = "exponential",
+        floor: float = 0.0,
+        progress: tf.Variable | None = None,
+    ):
+        check_schedule(kind)
+        if kind != "exponential" and progress is None:
+            raise ValueError(f"the {kind} schedule needs the run's progress variable")
         self.rate, self.decay, self.warmup_steps = float(rate), float(decay), int(warmup_steps)
+        self.kind, self.floor, self.progress = kind, float(floor), progress
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        rate = self.rate * tf.pow(self.decay, step)
+        if self.kind == "exponential":
+            rate = self.rate * tf.pow(self.decay, step)
+        else:
+            p = tf.clip_by_value(tf.cast(self.progress, tf.float32), 0.0, 1.0)
+            if self.kind == "cosine":
+                factor = 0.5 * (1.0 + tf.cos(math.pi * p))
+            else:
+                factor = 1.0 - p
+            rate = self.rate * (self.floor + (1.0 - self.floor) * factor)
         if self.warmup_steps:
             rate *= tf.minimum(1.0, (step + 1.0) / self.warmup_steps)
         return rate
 
     def get_config(self) -> dict:
-        return {"rate": self.rate, "decay": self.decay, "warmup_steps": self.warmup_steps}
+        return {
+            "rate": self.rate,
+            "decay": self.decay,
+            "warmup_steps": self.warmup_steps,
+            "kind": self.kind,
+            "floor": self.floor,
+        }
 
 
 def ema_decay_at(decay: float, updates, warmup: float = 10.0) -> tf.Tensor:
@@ -69,6 +112,12 @@ def ema_decay_at(decay: float, updates, warmup: float = 10.0) -> tf.Tensor:
     return tf.minimum(tf.constant(decay, tf.float32), (1.0 + t) / (warmup + t))
 
 
+def ema_cap_step(decay: float, warmup: float) -> float:
+    """The update from which ``ema_decay_at`` is the cap ``decay``: (1 + t) / (warmup
+    + t) reaches decay at t = (warmup decay - 1) / (1 - decay); inf for decay 1."""
+    return math.inf if decay >= 1.0 else max(0.0, (warmup * decay - 1.0) / (1.0 - decay))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainerOptions:
     """How a Trainer optimises and averages the weights; the fields are train()'s
@@ -77,7 +126,9 @@ class TrainerOptions:
 
     # Adam and its schedule (``LearningRate``)
     learning_rate: float = 1e-3
-    learning_rate_decay: float = 0.999995  # a factor every step
+    schedule: str = "exponential"  # or "cosine", "linear": to the floor at the run's end
+    learning_rate_decay: float = 0.999995  # a factor every step ("exponential")
+    learning_rate_floor: float = 0.0  # the end's rate over learning_rate ("cosine", "linear")
     beta_1: float = 0.95
     beta_2: float = 0.9995
     warmup_steps: int = 0
@@ -99,7 +150,11 @@ class TrainerOptions:
                 f"train.precision must be one of {[*PRECISIONS, 'auto']}, got {self.precision!r}"
             )
         checks.check_positive(self.learning_rate, "train.learning_rate")
+        check_schedule(self.schedule)
         checks.check_fraction(self.learning_rate_decay, "train.learning_rate_decay", one=True)
+        checks.check_fraction(
+            self.learning_rate_floor, "train.learning_rate_floor", zero=True, one=True
+        )
         checks.check_fraction(self.beta_1, "train.beta_1", zero=True)
         checks.check_fraction(self.beta_2, "train.beta_2", zero=True)
         checks.check_fraction(self.ema_decay, "train.ema_decay", zero=True, one=True)  # 1: no cap
@@ -144,8 +199,16 @@ class Trainer:
             for model in {id(m): m for m in (self.model, self.ema, self.raw)}.values():
                 model.build_variables()
             draw_initial_weights(self.model, self.seed)
+            # The run's progress in [0, 1], set by the loop before every step and kept
+            # in the checkpoint, so that a resumed run continues the same schedule.
+            self.progress = tf.Variable(0.0, trainable=False, name="schedule_progress")
             self.schedule = LearningRate(
-                options.learning_rate, options.learning_rate_decay, options.warmup_steps
+                options.learning_rate,
+                options.learning_rate_decay,
+                options.warmup_steps,
+                kind=options.schedule,
+                floor=options.learning_rate_floor,
+                progress=self.progress,
             )
             self.optimizer = keras.optimizers.Adam(
                 self.schedule, beta_1=options.beta_1, beta_2=options.beta_2
@@ -188,6 +251,14 @@ class Trainer:
     @property
     def step(self) -> tf.Variable:
         return self.optimizer.iterations
+
+    def progress_value(self) -> float:
+        """The schedule's progress in [0, 1] (restored with a checkpoint)."""
+        return float(tf.convert_to_tensor(self.progress).numpy())
+
+    def set_progress(self, value: float) -> None:
+        with self.strategy.scope():
+            self.progress.assign(value)
 
     def initialize(self, images, labels=None) -> None:
         """Data-dependent init on one batch, then EMA = weights (never on resume)."""
