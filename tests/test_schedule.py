@@ -72,23 +72,56 @@ def test_the_budgets_elapsed_fraction_counts_to_where_the_last_step_ends(monkeyp
     deadline = faults.Deadline(start=1000.0, max_minutes=1.0, test_batches=None)  # ends at 1060
     assert deadline.elapsed_fraction(1.0, 4.0, None) == 0.0  # no step timed yet
     deadline.leaves_time(1.0, None, None)  # the first step
+    assert deadline.elapsed_fraction(1.0, 4.0, None) == 0.0  # its time is its trace
+    deadline.leaves_time(1.0, None, None)
     now[0] = 1024.0
     # kept for the end: the evaluation with half again (6), a checkpoint (2), a margin
     # of 2 s and the exit (3): the last step ends at 1047
     assert deadline.elapsed_fraction(1.0, 4.0, None) == pytest.approx(24 / 47)
     now[0] = 1050.0
     assert deadline.elapsed_fraction(1.0, 4.0, None) == 1.0
+    # a first step of 20 s (its trace) before any evaluation: the cautious reserve
+    # (two first steps and the test set) is counted as half the budget at most
+    now[0] = 1010.0
+    assert deadline.elapsed_fraction(20.0, None, None) == pytest.approx(10 / 30)
+
+
+def test_a_budgeted_cosine_run_anneals_over_its_budget_not_at_once(tmp_path, tiny_gin):
+    """A 30-second budget: the first step's trace must not end the schedule; the rate
+    falls over the run and ends near its floor."""
+    fn = plain_fn(images(64), images(8, seed=1))
+    result = training.train(
+        tmp_path, tf.distribute.OneDeviceStrategy(ONE), dataset_fn=fn, batch_size=8,
+        max_epoch=1000, max_minutes=0.5, schedule="cosine", learning_rate=1e-3,
+        learning_rate_floor=0.1, progress=False, images_to_log=0,
+    )  # fmt: skip
+    assert result["stopped"] == "max_minutes"
+    rates = learning_rates(tmp_path)
+    steps = sorted(rates)
+    assert len(steps) >= 3, (result["step"], rates)
+    assert rates[steps[0]] > 5e-4, rates  # not at the floor from the start
+    assert rates[steps[-1]] < 2.5e-4, rates  # near the floor (1e-4) at the end
+
+
+def plain_fn(train_images, test_images):
+    def fn(batch_size):
+        return (
+            tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size),
+            tf.data.Dataset.from_tensor_slices(test_images).batch(batch_size),
+        )
+
+    return fn
 
 
 def learning_rates(run_dir):
-    """{step: the learning rate of that step} from the run's TensorBoard summaries."""
-    from tensorboard.backend.event_processing import event_accumulator
-
-    acc = event_accumulator.EventAccumulator(os.path.join(run_dir, "train"), size_guidance={})
-    acc.Reload()
-    tag = next(t for t in acc.Tags().get("tensors", []) + acc.Tags()["scalars"] if "rate" in t)
-    events = acc.Tensors(tag) if tag in acc.Tags().get("tensors", []) else acc.Scalars(tag)
-    return {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in events}
+    """{step: the learning rate of that step} from the run's TensorBoard event files."""
+    rates = {}
+    for path in tf.io.gfile.glob(os.path.join(run_dir, "train", "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "learning_rate":
+                    rates[event.step] = float(tf.make_ndarray(value.tensor))
+    return rates
 
 
 def test_a_resumed_cosine_run_continues_the_same_schedule(tmp_path, tiny_gin, capsys):

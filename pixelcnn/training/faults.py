@@ -287,6 +287,7 @@ class Deadline:
         self.end = None if max_minutes is None else start + 60.0 * max_minutes
         self.test_batches = test_batches
         self.first_step = None  # seconds of the first step (its trace included)
+        self.steps_checked = 0  # calls of leaves_time: steps timed
 
     def leaves_time(
         self, step_seconds: float, eval_seconds, save_seconds, grid=False, grid_seconds=None
@@ -296,6 +297,7 @@ class Deadline:
         drawn; grid_seconds: how long the last grid took, None before the first."""
         if self.end is None:
             return True
+        self.steps_checked += 1
         if self.first_step is None:  # its time is mostly the trace: no estimate yet
             self.first_step = step_seconds
             return time.monotonic() + 2 * step_seconds < self.end
@@ -309,9 +311,13 @@ class Deadline:
         the start over the time from the start to where the last step must end (the
         budget less what ``leaves_time`` keeps for the end). 0 before the first step's
         time is known; the arguments are ``leaves_time``'s."""
-        if self.end is None or self.first_step is None:
-            return 0.0
+        if self.end is None or self.steps_checked < 2:
+            return 0.0  # the first step's time is mostly its trace: no estimate yet
         reserve = self._reserve(step_seconds, eval_seconds, save_seconds, grid, grid_seconds)
+        # Before the first evaluation the reserve is a cautious guess (it can exceed the
+        # budget): at most half the budget counts, or the schedule would reach its
+        # floor at once.
+        reserve = min(reserve, 0.5 * (self.end - self.start))
         training = max(self.end - reserve - self.start, 1e-9)
         return min(1.0, max(0.0, (time.monotonic() - self.start) / training))
 
