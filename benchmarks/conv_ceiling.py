@@ -42,26 +42,17 @@ def time_call(fn, args, seconds: float = 0.6) -> float:
     return float(np.median(times))
 
 
-def ceiling(name: str, precision: str) -> dict:
-    import numpy as np
+def products(model, images) -> list:
+    """[(kind, forward FLOPs per batch, fn, (x, kernel, bias))] for every convolution of
+    one forward pass of ``model`` on ``images``: fn(x, kernel, bias) is the product as
+    the model runs it (causal pad fused into the convolution, bias added), on random
+    inputs of its shapes and compute dtype."""
     import tensorflow as tf
 
     from pixelcnn.layers import WeightNormConv2DTranspose
-    from pixelcnn.model import PixelCNNPP
 
-    cfg = dict(CONFIGS[name])
-    batch = cfg.pop("batch")
-    dtype = "float32" if precision == "float32" else "mixed_bfloat16"
-    model = PixelCNNPP(residual_blocks=3, dropout_rate=0.5, dtype=dtype, **cfg)
-    rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(-1, 1, (batch, *cfg["image_shape"])), tf.float32)
-    model(images)  # build
-    calls = record_products(model, images)
-    peak = matmul_peak(precision, windows=3)
-
-    # mode -> kind -> [flops, seconds]
-    kinds = {m: collections.defaultdict(lambda: [0.0, 0.0]) for m in ("eval", "train")}
-    for layer, padded_shape, kernel_shape, y_shape in calls:
+    result = []
+    for layer, padded_shape, kernel_shape, y_shape in record_products(model, images):
         compute = layer.compute_dtype
         transpose = isinstance(layer, WeightNormConv2DTranspose)
         # The timed product pads its input itself, as the model does (the pad is fused
@@ -74,7 +65,6 @@ def ceiling(name: str, precision: str) -> dict:
         kernel = tf.cast(tf.random.normal(kernel_shape, stddev=0.05), compute)
         bias = tf.cast(layer.b, compute)
         kh, kw = layer.kernel_size
-        macs = multiply_adds(layer, padded_shape, y_shape)
         if transpose:
             kind = f"transposed {kh}x{kw}"
         else:
@@ -83,22 +73,77 @@ def ceiling(name: str, precision: str) -> dict:
         def forward(x, kernel, bias, layer=layer, transpose=transpose):
             return layer.linear_map(x if transpose else layer.pad(x), kernel) + bias
 
-        def evaluate(x, kernel, bias):
-            return tf.reduce_sum(forward(x, kernel, bias)[..., :1])
+        flops = 2.0 * multiply_adds(layer, padded_shape, y_shape) * x_shape[0]
+        result.append((kind, flops, forward, (x, kernel, bias)))
+    return result
 
-        def train(x, kernel, bias):
-            # forward, then the gradients for the input, the kernel and the bias
-            with tf.GradientTape() as tape:
-                tape.watch([x, kernel, bias])
-                y = forward(x, kernel, bias)
-            grads = tape.gradient(y, [x, kernel, bias], output_gradients=tf.ones_like(y))
-            # y itself is used too: the gradients do not need it, and graph pruning
-            # would drop the forward convolution.
-            return tf.add_n([tf.reduce_sum(t[..., :1]) for t in [y, *grads]])
 
-        flops = 2.0 * macs * x_shape[0]
-        for mode, fn, factor in (("eval", evaluate, 1), ("train", train, 3)):
-            seconds = time_call(tf.function(fn), (x, kernel, bias))
+def evaluate(forward):
+    """The forward product alone, reduced to a scalar."""
+    import tensorflow as tf
+
+    def fn(x, kernel, bias):
+        return tf.reduce_sum(forward(x, kernel, bias)[..., :1])
+
+    return fn
+
+
+def train(forward):
+    """The forward product and the gradients for its input, kernel and bias."""
+    import tensorflow as tf
+
+    def fn(x, kernel, bias):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel, bias])
+            y = forward(x, kernel, bias)
+        grads = tape.gradient(y, [x, kernel, bias], output_gradients=tf.ones_like(y))
+        # y itself is used too: the gradients do not need it, and graph pruning would
+        # drop the forward convolution.
+        return tf.add_n([tf.reduce_sum(tf.cast(t[..., :1], tf.float32)) for t in [y, *grads]])
+
+    return fn
+
+
+MODES = {"eval": (evaluate, 1), "train": (train, 3)}  # mode -> (fn, FLOPs over forward)
+
+
+def all_convolutions(model, images, mode: str):
+    """One tf.function (no arguments) that runs every convolution of a pass (``mode``
+    "eval") or of a training step ("train": with the three gradients each) once, on
+    random inputs: the convolutions of a step without the rest, to time beside it."""
+    import tensorflow as tf
+
+    make, _ = MODES[mode]
+    calls = [(make(forward), args) for _, _, forward, args in products(model, images)]
+
+    @tf.function(autograph=False)
+    def step():
+        return tf.add_n([tf.cast(fn(*args), tf.float32) for fn, args in calls])
+
+    return step
+
+
+def ceiling(name: str, precision: str) -> dict:
+    import numpy as np
+    import tensorflow as tf
+
+    from pixelcnn.model import PixelCNNPP
+
+    cfg = dict(CONFIGS[name])
+    batch = cfg.pop("batch")
+    dtype = "float32" if precision == "float32" else "mixed_bfloat16"
+    model = PixelCNNPP(residual_blocks=3, dropout_rate=0.5, dtype=dtype, **cfg)
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.uniform(-1, 1, (batch, *cfg["image_shape"])), tf.float32)
+    model(images)  # build
+    calls = products(model, images)
+    peak = matmul_peak(precision, windows=3)
+
+    # mode -> kind -> [flops, seconds]
+    kinds = {m: collections.defaultdict(lambda: [0.0, 0.0]) for m in MODES}
+    for kind, flops, forward, args in calls:
+        for mode, (make, factor) in MODES.items():
+            seconds = time_call(tf.function(make(forward)), args)
             kinds[mode][kind][0] += factor * flops
             kinds[mode][kind][1] += seconds
     result = {"config": name, "precision": precision, "matmul_peak_gflops": peak}

@@ -7,7 +7,9 @@ Everything runs in one process: for each comparison the two steps alternate, cal
 call, and the result is the median of the time ratios of the pairs, so this machine's
 drift (tens of percent within minutes) moves both sides alike. Modes: float32
 training, bfloat16 training (Keras mixed precision) and float32 evaluation of the EMA
-weights. "reference" is ``benchmarks/reference.py`` (the same network written plainly,
+weights. "convolutions alone" is every convolution of the step (with its gradients in
+training) and nothing else, in one tf.function (``conv_ceiling.all_convolutions``): its
+ratio is the step's distance from that ceiling. "reference" is ``benchmarks/reference.py`` (the same network written plainly,
 checked here to compute the same parameters); a trick row switches one trick off in
 the package for the step it traces (the patch is active only while tracing) and
 reports how much slower (> 1) or faster (< 1) the step became.
@@ -28,6 +30,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import conv_ceiling  # noqa: E402
 import numpy as np  # noqa: E402
 import reference  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -99,6 +102,13 @@ def reference_step(arch, precision, mode, images, source):
     return trainer.train_step if mode != "eval" else trainer.eval_step
 
 
+def convolutions_step(trainer, mode, images):
+    """The step's convolutions alone, called as a step is."""
+    model = trainer.model if mode != "eval" else trainer.ema
+    convs = conv_ceiling.all_convolutions(model, images, "eval" if mode == "eval" else "train")
+    return lambda batch: convs()
+
+
 def _call(step, images) -> float:
     start = time.perf_counter()
     float(tf.nest.flatten(step({"images": images}))[0])
@@ -150,7 +160,8 @@ def main() -> None:
         precision = "bfloat16" if mode == "train_bfloat16" else "float32"
         base, trainer = package_step(arch, precision, mode, images)
         comparisons = [
-            ("reference (plain network)", reference_step(arch, precision, mode, images, trainer))
+            ("convolutions alone", convolutions_step(trainer, mode, images)),
+            ("reference (plain network)", reference_step(arch, precision, mode, images, trainer)),
         ]
         if precision == "bfloat16":  # the aim: bfloat16 against the plain float32 network
             comparisons.append(
@@ -175,7 +186,12 @@ def main() -> None:
             out.write_text(json.dumps(result, indent=2) + "\n")  # after every row
             print(
                 f"{mode:15s} {name:50s} time ratio {r['ratio']:.3f} "
-                f"(IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f})",
+                f"(IQR {r['iqr'][0]:.3f}-{r['iqr'][1]:.3f})"
+                + (
+                    f": the step takes {1 / r['ratio']:.3f}x"
+                    if name == "convolutions alone"
+                    else ""
+                ),
                 flush=True,
             )
     result["matmul_peak_after"] = {d: matmul_peak(d, windows=3) for d in ("float32", "bfloat16")}

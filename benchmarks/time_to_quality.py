@@ -58,7 +58,7 @@ def main() -> None:
     evaluations = metrics["evaluations"]
     eval_seconds = sum(v for e in evaluations for k, v in e.items() if k.startswith("eval_seconds"))
     result = {
-        "config": str(Path(args.config).relative_to(ROOT)),
+        "config": str(Path(args.config).resolve().relative_to(ROOT)),
         "bindings": args.binding,
         "command_seconds": round(wall, 1),
         "evaluation_seconds": round(eval_seconds, 1),
