@@ -47,5 +47,17 @@ def clean_gin():
 
 
 @pytest.fixture
+def tiny_gin():
+    """The tiny model's gin bindings (``helpers.bind_tiny``), cleared after the test."""
+    import gin
+    from helpers import bind_tiny
+
+    gin.clear_config()
+    bind_tiny()
+    yield
+    gin.clear_config()
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(1234)

@@ -118,6 +118,23 @@ def bind_tiny(extra=()):
     )
 
 
+def random_images(n, seed=0):
+    """n uint8 images of SHAPE, uniform over the 8-bit grid."""
+    return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
+
+
+def plain(train_images, test_images):
+    """A dataset_fn over two arrays, batched, nothing else."""
+
+    def fn(batch_size):
+        return (
+            tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size),
+            tf.data.Dataset.from_tensor_slices(test_images).batch(batch_size),
+        )
+
+    return fn
+
+
 def array_dataset_fn(images):
     def fn(batch_size):
         x = tf.data.Dataset.from_tensor_slices(images)

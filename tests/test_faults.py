@@ -10,25 +10,13 @@ import gin
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import ROOT, SHAPE, bind_tiny, free_ports, worker_env
+from helpers import ROOT, bind_tiny, free_ports, plain, random_images, worker_env
 
 from pixelcnn import rundir
 from pixelcnn.training import faults, reporting
 from pixelcnn.training import train as training
 
 ONE = "/cpu:0"
-
-
-@pytest.fixture
-def tiny_gin():
-    gin.clear_config()
-    bind_tiny()
-    yield
-    gin.clear_config()
-
-
-def images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
 
 
 def train(run_dir, dataset_fn, **kwargs):
@@ -38,23 +26,13 @@ def train(run_dir, dataset_fn, **kwargs):
     )  # fmt: skip
 
 
-def plain(train_images, test_images):
-    def fn(batch_size):
-        return (
-            tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size),
-            tf.data.Dataset.from_tensor_slices(test_images).batch(batch_size),
-        )
-
-    return fn
-
-
 def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gin):
     """SIGTERM while the test set (400 batches) is being scored: the evaluation stops at
     the next batch, the weights are saved at the step reached, TrainingInterrupted."""
     read = []
 
     def fn(batch_size):
-        test = tf.data.Dataset.from_tensor_slices(images(3200, seed=1)).batch(batch_size)
+        test = tf.data.Dataset.from_tensor_slices(random_images(3200, seed=1)).batch(batch_size)
 
         def count(x):
             def note(_):
@@ -67,7 +45,9 @@ def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gi
             seen.set_shape([])
             return x + 0 * tf.cast(seen, x.dtype)
 
-        return tf.data.Dataset.from_tensor_slices(images(24)).batch(batch_size), test.map(count)
+        return tf.data.Dataset.from_tensor_slices(random_images(24)).batch(batch_size), test.map(
+            count
+        )
 
     with pytest.raises(faults.TrainingInterrupted, match="resume"):
         train(tmp_path, fn, max_epoch=1)
@@ -89,7 +69,7 @@ def two_checkpoints(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
     gin.clear_config()
     bind_tiny()
-    fn = plain(images(32), images(8, seed=1))
+    fn = plain(random_images(32), random_images(8, seed=1))
     train(path, fn, max_epoch=1, max_steps=2)
     train(path, fn, max_epoch=1, max_steps=4)
     gin.clear_config()
@@ -175,7 +155,9 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint(
 ):
     """Resuming reads every tensor, so any flipped byte of the weights is reported."""
     run = damaged_copy(two_checkpoints, tmp_path, damage)
-    result = train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=4)
+    result = train(
+        run, plain(random_images(32), random_images(8, seed=1)), max_epoch=1, max_steps=4
+    )
     out = capsys.readouterr()
     assert "cannot be read" in out.err and "-2 at step 2" in out.out
     assert result["step"] == 4  # and the damaged step-4 checkpoint is written again
@@ -190,7 +172,7 @@ def test_no_readable_checkpoint_is_one_clear_error(two_checkpoints, tmp_path, ti
     with pytest.raises(rundir.NoGoodCheckpoint, match="no checkpoint of this run can be read"):
         rundir.load_for_inference(run)
     with pytest.raises(rundir.NoGoodCheckpoint, match="can be read"):
-        train(run, plain(images(32), images(8, seed=1)), max_epoch=1, max_steps=6)
+        train(run, plain(random_images(32), random_images(8, seed=1)), max_epoch=1, max_steps=6)
 
 
 # ---------------------------------------------------------------------------- workers
@@ -299,7 +281,7 @@ def test_sigterm_while_drawing_the_sample_grid_abandons_it(tmp_path, tiny_gin, m
     gin.bind_parameter("train.images_to_log", 2)
     try:
         with pytest.raises(faults.TrainingInterrupted, match="sample logging"):
-            train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=1)
+            train(tmp_path, plain(random_images(16), random_images(8, seed=1)), max_epoch=1)
         assert time.monotonic() - signalled[0] < 2.0
     finally:
         finished.set()
@@ -325,7 +307,7 @@ def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeyp
     monkeypatch.setattr(reporting, "log_samples", fake_grid)
     gin.bind_parameter("train.images_to_log", 2)
     gin.bind_parameter("train.log_images_every", 2)
-    dataset_fn = plain(images(16), images(8, seed=1))
+    dataset_fn = plain(random_images(16), random_images(8, seed=1))
     assert train(tmp_path, dataset_fn, max_epoch=3)["samples"] == ["step_4.png", "step_6.png"]
     resumed = train(tmp_path, dataset_fn, max_epoch=4)  # metrics.json keeps the earlier grids
     assert resumed["samples"] == ["step_4.png", "step_6.png", "step_8.png"]
@@ -335,7 +317,7 @@ def test_a_run_ends_with_a_grid_of_its_final_weights(tmp_path, tiny_gin, monkeyp
 def test_a_resumed_runs_metrics_json_keeps_its_history(tmp_path, tiny_gin, capsys):
     """A resume keeps the evaluations up to its checkpoint's step (not one made after
     it, of weights no checkpoint kept); an unreadable metrics.json is set aside."""
-    dataset_fn = plain(images(16), images(8, seed=1))
+    dataset_fn = plain(random_images(16), random_images(8, seed=1))
     first = train(tmp_path, dataset_fn, max_epoch=1)["evaluations"]
     path = tmp_path / "metrics.json"
     metrics = json.loads(path.read_text())
@@ -364,7 +346,9 @@ def test_the_budget_is_checked_before_an_epoch_begins(tmp_path, tiny_gin, monkey
         return len(calls) <= 2  # the epoch's two steps; the next check finds no time
 
     monkeypatch.setattr(faults.Deadline, "leaves_time", leaves_time)
-    result = train(tmp_path, plain(images(16), images(8, seed=1)), max_epoch=3, max_minutes=10)
+    result = train(
+        tmp_path, plain(random_images(16), random_images(8, seed=1)), max_epoch=3, max_minutes=10
+    )
     assert result["stopped"] == "max_minutes" and result["step"] == 2 and len(calls) == 3
     assert [e["step"] for e in result["evaluations"]] == [2]
     assert "test_bits_per_dim_raw" in result["evaluations"][0]

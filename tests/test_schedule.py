@@ -5,29 +5,16 @@ import math
 import os
 import signal
 
-import gin
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import SHAPE, bind_tiny
+from helpers import plain, random_images
 
 from pixelcnn import rundir
 from pixelcnn.training import faults, loop, trainer
 from pixelcnn.training import train as training
 
 ONE = "/cpu:0"
-
-
-@pytest.fixture
-def tiny_gin():
-    gin.clear_config()
-    bind_tiny()
-    yield
-    gin.clear_config()
-
-
-def images(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, *SHAPE)).astype(np.uint8)
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear"])
@@ -89,7 +76,7 @@ def test_the_budgets_elapsed_fraction_counts_to_where_the_last_step_ends(monkeyp
 def test_a_budgeted_cosine_run_anneals_over_its_budget_not_at_once(tmp_path, tiny_gin):
     """A 30-second budget: the first step's trace must not end the schedule; the rate
     falls over the run and ends near its floor."""
-    fn = plain_fn(images(64), images(8, seed=1))
+    fn = plain(random_images(64), random_images(8, seed=1))
     result = training.train(
         tmp_path, tf.distribute.OneDeviceStrategy(ONE), dataset_fn=fn, batch_size=8,
         max_epoch=1000, max_minutes=0.5, schedule="cosine", learning_rate=1e-3,
@@ -101,16 +88,6 @@ def test_a_budgeted_cosine_run_anneals_over_its_budget_not_at_once(tmp_path, tin
     assert len(steps) >= 3, (result["step"], rates)
     assert rates[steps[0]] > 5e-4, rates  # not at the floor from the start
     assert rates[steps[-1]] < 2.5e-4, rates  # near the floor (1e-4) at the end
-
-
-def plain_fn(train_images, test_images):
-    def fn(batch_size):
-        return (
-            tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size),
-            tf.data.Dataset.from_tensor_slices(test_images).batch(batch_size),
-        )
-
-    return fn
 
 
 def learning_rates(run_dir):
@@ -128,7 +105,7 @@ def test_a_resumed_cosine_run_continues_the_same_schedule(tmp_path, tiny_gin, ca
     """max_steps 6, cosine to a floor: a run stopped by a signal after step 3 and
     resumed ends with the weights of the run that went straight through (bit-exact),
     and the schedule's progress was saved with it."""
-    train_images = images(48)
+    train_images = random_images(48)
 
     def fn(batch_size, interrupt=None):
         seen = []
@@ -142,7 +119,7 @@ def test_a_resumed_cosine_run_continues_the_same_schedule(tmp_path, tiny_gin, ca
         train = tf.data.Dataset.from_tensor_slices(train_images).batch(batch_size)
         if interrupt is not None:
             train = train.map(lambda x: tf.numpy_function(note, [x], tf.uint8, stateful=True))
-        test = tf.data.Dataset.from_tensor_slices(images(8, seed=1)).batch(batch_size)
+        test = tf.data.Dataset.from_tensor_slices(random_images(8, seed=1)).batch(batch_size)
         return train, test
 
     one = tf.distribute.OneDeviceStrategy(ONE)

@@ -277,14 +277,7 @@ class Loop:
         each worker's clock is read, the largest share is taken)."""
         fraction = 0.0
         if self.budgeted and step_seconds is not None:
-            report = self.report
-            fraction = self.deadline.elapsed_fraction(
-                step_seconds,
-                report.eval_seconds,
-                self.saver.seconds,
-                self.options.images_to_log > 0,
-                report.grid_seconds,
-            )
+            fraction = self.deadline.elapsed_fraction(*self.end_costs(step_seconds))
             fraction = self.preemption.largest(fraction)
         step = distribute.value(self.trainer.step)
         self.trainer.set_progress(self.progress.at(step, fraction))
@@ -294,12 +287,16 @@ class Loop:
         collective every step when any worker has a budget, ``self.budgeted``)."""
         if not self.budgeted:
             return False
+        left = self.deadline.leaves_time(*self.end_costs(step_seconds))
+        return self.preemption.any_worker(not left)
+
+    def end_costs(self, step_seconds: float) -> tuple:
+        """What the budget keeps time for after the last step, as ``faults.Deadline``
+        takes it: (step seconds, the last evaluation's and checkpoint's seconds,
+        whether a final grid is drawn, the last grid's seconds)."""
         report = self.report
         grid = self.options.images_to_log > 0  # a grid of the final weights is drawn
-        left = self.deadline.leaves_time(
-            step_seconds, report.eval_seconds, self.saver.seconds, grid, report.grid_seconds
-        )
-        return self.preemption.any_worker(not left)
+        return step_seconds, report.eval_seconds, self.saver.seconds, grid, report.grid_seconds
 
     def step(self, batch, bar, tick: float) -> tuple[float, float]:
         """One training step, its loss checked and reported; (seconds, now)."""

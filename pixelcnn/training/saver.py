@@ -1,7 +1,7 @@
 """Checkpoints while training: the run's ``tf.train.Checkpoint`` (model, EMA,
-optimizer, epoch, step in the epoch, the schedule's progress), its manager and the save timer. Restoring goes
-through ``rundir`` (the newest checkpoint that reads back whole), as loading for
-inference does."""
+optimizer, epoch, step in the epoch, the schedule's progress), its manager and the save
+timer. Restoring goes through ``rundir`` (the newest checkpoint that reads back whole),
+as loading for inference does."""
 
 from __future__ import annotations
 
