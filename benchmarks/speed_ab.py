@@ -137,8 +137,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=15)
     parser.add_argument("--modes", default="train_float32,train_bfloat16,eval")
     parser.add_argument("--no-tricks", action="store_true", help="only the reference rows")
+    parser.add_argument(
+        "--tricks", default=",".join(TRICKS), help=f"comma-separated, of: {', '.join(TRICKS)}"
+    )
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    tricks = [] if args.no_tricks else args.tricks.split(",")
+    if unknown := set(tricks) - set(TRICKS):
+        parser.error(f"unknown tricks {sorted(unknown)}: choose from {list(TRICKS)}")
     arch = dict(CONFIGS[args.config])
     batch = arch.pop("batch")
     rng = np.random.default_rng(0)
@@ -167,19 +173,19 @@ def main() -> None:
             comparisons.append(
                 ("reference in float32", reference_step(arch, "float32", mode, images, trainer))
             )
-        if not args.no_tricks:
-            for name, patch in TRICKS.items():
-                if mode == "eval" and name in TRAINING_ONLY:
-                    continue
-                if name == "recompute":
-                    # the default: on in float32, off in bfloat16; time the other setting
-                    on = precision == "float32"
-                    step, _ = package_step(arch, precision, mode, images, recompute=not on)
-                    name = f"recompute {'off' if on else 'on'}"
-                else:
-                    step, _ = package_step(arch, precision, mode, images, patch=patch)
-                    name = f"without {name}"
-                comparisons.append((name, step))
+        for name in tricks:
+            patch = TRICKS[name]
+            if mode == "eval" and name in TRAINING_ONLY:
+                continue
+            if name == "recompute":
+                # the default: on in float32, off in bfloat16; time the other setting
+                on = precision == "float32"
+                step, _ = package_step(arch, precision, mode, images, recompute=not on)
+                name = f"recompute {'off' if on else 'on'}"
+            else:
+                step, _ = package_step(arch, precision, mode, images, patch=patch)
+                name = f"without {name}"
+            comparisons.append((name, step))
         for name, step in comparisons:
             r = ratio(base, step, images, args.pairs)
             result["rows"].append({"mode": mode, "comparison": name, **r})
