@@ -135,6 +135,15 @@ def plain(train_images, test_images):
     return fn
 
 
+def summary_values(run_dir, split):
+    """(step, tag, value) of every summary in the event files of a run's ``split``
+    (``train``, ``eval``, ``eval_raw``); value is the ``Summary.Value`` proto."""
+    for path in sorted(Path(run_dir, split).glob("events.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                yield event.step, value.tag, value
+
+
 def array_dataset_fn(images):
     def fn(batch_size):
         x = tf.data.Dataset.from_tensor_slices(images)

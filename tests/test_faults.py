@@ -45,9 +45,8 @@ def test_sigterm_during_evaluation_abandons_it_saves_and_exits(tmp_path, tiny_gi
             seen.set_shape([])
             return x + 0 * tf.cast(seen, x.dtype)
 
-        return tf.data.Dataset.from_tensor_slices(random_images(24)).batch(batch_size), test.map(
-            count
-        )
+        train_set = tf.data.Dataset.from_tensor_slices(random_images(24)).batch(batch_size)
+        return train_set, test.map(count)
 
     with pytest.raises(faults.TrainingInterrupted, match="resume"):
         train(tmp_path, fn, max_epoch=1)

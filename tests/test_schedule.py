@@ -8,7 +8,7 @@ import signal
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import plain, random_images
+from helpers import plain, random_images, summary_values
 
 from pixelcnn import rundir
 from pixelcnn.training import faults, loop, trainer
@@ -92,13 +92,11 @@ def test_a_budgeted_cosine_run_anneals_over_its_budget_not_at_once(tmp_path, tin
 
 def learning_rates(run_dir):
     """{step: the learning rate of that step} from the run's TensorBoard event files."""
-    rates = {}
-    for path in tf.io.gfile.glob(os.path.join(run_dir, "train", "events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for value in event.summary.value:
-                if value.tag == "learning_rate":
-                    rates[event.step] = float(tf.make_ndarray(value.tensor))
-    return rates
+    return {
+        step: float(tf.make_ndarray(value.tensor))
+        for step, tag, value in summary_values(run_dir, "train")
+        if tag == "learning_rate"
+    }
 
 
 def test_a_resumed_cosine_run_continues_the_same_schedule(tmp_path, tiny_gin, capsys):
