@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (6, 6, 1)
 TINY = dict(
     image_shape=SHAPE,
-    residual_blocks=1,  # one resolution: tracing is most of a training test's time; test_model covers more
+    # one resolution: tracing is most of a training test's time; test_model covers more
+    residual_blocks=1,
     residual_layers_per_block=1,
     filters=8,
     num_mixtures=2,
