@@ -40,6 +40,10 @@ CONFIGS = {
     "B2": dict(
         image_shape=(32, 32, 3), filters=160, residual_layers_per_block=5, num_mixtures=10, batch=8
     ),
+    # The network of experiments/quickstart.gin and mnist_30min.gin.
+    "Q": dict(
+        image_shape=(28, 28, 1), filters=32, residual_layers_per_block=1, num_mixtures=5, batch=16
+    ),
 }
 
 

@@ -98,3 +98,33 @@ def keep_forever(obj) -> None:
     the command line).
     """
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
+
+
+# glibc's own limits once its dynamic mmap threshold has adapted to large blocks (64-bit):
+# blocks under 32 MiB come from the heap, and up to twice that stays free at its top.
+MMAP_THRESHOLD = 32 << 20
+TRIM_THRESHOLD = 64 << 20
+
+
+def undo_malloc_trim_patch() -> bool:
+    """Gives glibc's malloc back the large-block limits that TensorFlow's tf.data takes
+    away; returns whether it could (False off glibc).
+
+    Creating a ``GeneratorDataset``, which every tf.distribute iterator does (through a
+    ``MultiDeviceIterator``), makes TensorFlow 2.21 call ``mallopt(M_TRIM_THRESHOLD,
+    128 KiB)`` for the whole process. Setting any threshold turns off glibc's dynamic
+    mmap threshold, so every block above 128 KiB, every activation of a training step,
+    is mapped fresh and returned to the kernel when freed: each step faults its memory
+    in again, page by page (half the CPU time of a small network's training step went
+    into the kernel). No TensorFlow option stops the patch, so after each iterator is
+    made this sets both thresholds to where glibc's adaptation would have taken them.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
+        mallopt(m_trim_threshold, TRIM_THRESHOLD)
+    )

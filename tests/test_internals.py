@@ -9,6 +9,7 @@ import sys
 
 import gin
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pixelcnn import PixelCNNPP, internals
@@ -102,3 +103,47 @@ def test_the_configurable_model_keeps_its_constructor_signature():
     assert "image_shape" in params and "num_bits" in params
     model = PixelCNNPP((3, 3, 1), residual_blocks=1, residual_layers_per_block=0, filters=4)
     assert PixelCNNPP.from_config(model.get_config()).config == model.config
+
+
+FAULTS_SCRIPT = """
+import ctypes, resource
+import tensorflow as tf
+from pixelcnn import internals
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+
+
+def faults(size=4 << 20, times=20):  # page faults of 20 blocks of 4 MiB, each freed
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        block = libc.malloc(size)
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+
+strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+iterator = iter(strategy.experimental_distribute_dataset(tf.data.Dataset.range(4).batch(2)))
+patched = faults()
+undone = internals.undo_malloc_trim_patch()
+print(patched, undone, faults())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the patch is glibc's")
+def test_malloc_keeps_large_blocks_after_a_distributed_iterator_is_made():
+    """TensorFlow's tf.data lowers malloc's trim threshold when a distributed iterator
+    is made, which maps every freed block above 128 KiB fresh: 20 blocks of 4 MiB then
+    fault in 20 x 1024 pages. After ``undo_malloc_trim_patch`` the heap keeps them: the
+    first block's pages only. A TensorFlow that no longer patches fails the first
+    assertion (the workaround would then be needed no more)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FAULTS_SCRIPT], capture_output=True, text=True, check=True
+    )
+    patched, undone, after = out.stdout.split()
+    pages = 20 * (4 << 20) // 4096
+    assert int(patched) > 0.8 * pages, f"TensorFlow no longer patches malloc: {patched} faults"
+    assert undone == "True"
+    assert int(after) < 0.15 * pages, f"{after} faults after undo_malloc_trim_patch"

@@ -10,7 +10,7 @@ import math
 import keras
 import tensorflow as tf
 
-from pixelcnn import checks, distribute, likelihood
+from pixelcnn import checks, distribute, internals, likelihood
 from pixelcnn.model import PixelCNNPP
 from pixelcnn.training import faults
 
@@ -183,6 +183,9 @@ class Trainer:
                 f"precision must be one of {list(PRECISIONS)}, got {options.precision!r} "
                 '(resolve "auto" with distribute.resolve_precision first)'
             )
+        # Every step's activations come from the heap, not fresh mappings (also where
+        # no tf.distribute iterator has changed malloc's thresholds yet).
+        internals.undo_malloc_trim_patch()
         self.strategy = strategy
         self.ema_decay, self.ema_warmup = options.ema_decay, float(options.ema_warmup)
         self.l2_weight = float(options.l2_weight)
