@@ -115,9 +115,10 @@ def undo_malloc_trim_patch() -> bool:
     128 KiB)`` for the whole process. Setting any threshold turns off glibc's dynamic
     mmap threshold, so every block above 128 KiB, every activation of a training step,
     is mapped fresh and returned to the kernel when freed: each step faults its memory
-    in again, page by page (half the CPU time of a small network's training step went
-    into the kernel). No TensorFlow option stops the patch, so after each iterator is
-    made this sets both thresholds to where glibc's adaptation would have taken them.
+    in again, page by page, and spends much of its time in the kernel
+    (benchmarks/README.md, "Through the command line"). No TensorFlow option stops the
+    patch, so after each iterator is made this sets both thresholds to where glibc's
+    adaptation would have taken them.
     """
     try:
         libc = ctypes.CDLL(None)
