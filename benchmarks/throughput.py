@@ -5,7 +5,9 @@
 
 B1 is the original TF2 code's MNIST configuration (32x32x1, filters 64, 2 layers per block,
 3 mixtures, batch 16); B2 the paper's CIFAR configuration (32x32x3, filters 160, 5 layers
-per block, 10 mixtures, batch 8). The timed steps are the ones training uses
+per block, 10 mixtures, batch 8); Q the network of quickstart.gin and mnist_30min.gin
+(28x28x1, filters 32, 1 layer per block, 5 mixtures, batch 16), built here with dropout 0.5
+like the others. The timed steps are the ones training uses
 (pixelcnn.trainer.Trainer.train_step / eval_step), on synthetic data already in memory.
 Each row runs in a fresh process, so its peak RSS is its own. Each row also measures
 the matmul peak right before and right after its timings, and its fractions are of the

@@ -1,5 +1,5 @@
-"""Every use of an internal of TensorFlow, gin or CPython, each where no public API
-serves.
+"""Every use of an internal of TensorFlow, gin, CPython or the C library, each where no
+public API serves.
 
 Nothing else in the package imports ``tensorflow.python`` or ``tensorflow.compiler``,
 touches an underscore attribute of TensorFlow, Keras or gin, relies on a name one of
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import inspect
 import os
+import platform
 
 import tensorflow as tf
 
@@ -100,32 +101,44 @@ def keep_forever(obj) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
-# glibc's own limits once its dynamic mmap threshold has adapted to large blocks (64-bit):
-# blocks under 32 MiB come from the heap, and up to twice that stays free at its top.
+# The ceiling of glibc's own adaptation of its thresholds (64-bit): blocks under 32 MiB come
+# from the heap, and up to twice that stays free at its top.
 MMAP_THRESHOLD = 32 << 20
 TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
+
+
+def _glibc_mallopt():
+    """glibc's ``mallopt``, or None under another C library (macOS, musl, Windows)."""
+    if not platform.libc_ver()[0] == "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
+_MALLOPT = _glibc_mallopt()
 
 
 def undo_malloc_trim_patch() -> bool:
-    """Gives glibc's malloc back the large-block limits that TensorFlow's tf.data takes
-    away; returns whether it could (False off glibc).
+    """Gives glibc's malloc back large-block thresholds after TensorFlow's tf.data lowers
+    them; returns whether it could (False under another C library).
 
     Creating a ``GeneratorDataset``, which every tf.distribute iterator does (through a
     ``MultiDeviceIterator``), makes TensorFlow 2.21 call ``mallopt(M_TRIM_THRESHOLD,
-    128 KiB)`` for the whole process. Setting any threshold turns off glibc's dynamic
-    mmap threshold, so every block above 128 KiB, every activation of a training step,
-    is mapped fresh and returned to the kernel when freed: each step faults its memory
-    in again, page by page, and spends much of its time in the kernel
-    (benchmarks/README.md, "Through the command line"). No TensorFlow option stops the
-    patch, so after each iterator is made this sets both thresholds to where glibc's
-    adaptation would have taken them.
+    128 KiB)`` for the whole process. Every ``free`` then hands the top of the heap back
+    to the kernel, and setting a threshold also freezes glibc's dynamic mmap threshold
+    where it stood (128 KiB if nothing larger was freed before), so large blocks are
+    mapped fresh. Either way a training step's activations are faulted in again, page by
+    page, every step (benchmarks/README.md, "Through the command line"). No TensorFlow
+    option stops the patch, so after each iterator is made this sets both thresholds to
+    the ceiling of glibc's own adaptation.
     """
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    if _MALLOPT is None:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(
-        mallopt(m_trim_threshold, TRIM_THRESHOLD)
-    )
+    mmap_set = _MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    trim_set = _MALLOPT(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(mmap_set) and bool(trim_set)

@@ -383,6 +383,8 @@ class Trainer:
                     r.assign(w)
         step = self.eval_steps[weights]
         total, count = 0.0, 0.0
+        batches = iter(batches)
+        internals.undo_malloc_trim_patch()  # which a distributed dataset's iterator applied
         for batch in batches:
             if should_stop is not None and should_stop():
                 raise faults.SignalReceived("evaluation")
