@@ -110,7 +110,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 
 def _glibc_mallopt():
     """glibc's ``mallopt``, or None under another C library (macOS, musl, Windows)."""
-    if not platform.libc_ver()[0] == "glibc":
+    if platform.libc_ver()[0] != "glibc":
         return None
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -86,10 +86,10 @@ class Passes:
         skipped first, so every pass starts at its epoch's first batch."""
         if self.batches is None:
             dataset, self._dataset = self._dataset, None
-            batches = _iterate(dataset if dataset is not None else self._pass_dataset())
+            batches = iterate(dataset if dataset is not None else self._pass_dataset())
         else:
             if self._iterator is None:
-                self._iterator = _iterate(self._dataset)
+                self._iterator = iterate(self._dataset)
             for _ in range(self._left):
                 next(self._iterator)
             self._left = self.batches - self.skip
@@ -113,10 +113,10 @@ class Passes:
         self._iterator = self._dataset = None
 
 
-def _iterate(dataset) -> Iterator:
-    """An iterator over a distributed dataset, with malloc's thresholds given back
-    afterwards: making it lowers them for the whole process
-    (``internals.undo_malloc_trim_patch``)."""
+def iterate(dataset) -> Iterator:
+    """An iterator over a distributed dataset (or any iterable), with malloc's thresholds
+    given back afterwards: making a distributed iterator lowers them for the whole
+    process (``internals.undo_malloc_trim_patch``)."""
     iterator = iter(dataset)
     internals.undo_malloc_trim_patch()
     return iterator

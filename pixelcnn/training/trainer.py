@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from pixelcnn import checks, distribute, internals, likelihood
 from pixelcnn.model import PixelCNNPP
-from pixelcnn.training import faults
+from pixelcnn.training import faults, passes
 
 # train.precision -> the Keras dtype policy of the training model. Mixed precisions keep
 # the weights, EMA, optimizer state, output layer and likelihood in float32; float16
@@ -298,8 +298,8 @@ class Trainer:
         # a resumed run draws the masks of the uninterrupted one.
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.step, tf.int64)])
         seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
-        passes = self._gradients if self.jit_compile else self._gradients_of
-        nll_sum, grads = passes(images, labels, global_n, seed, float(replicas))
+        gradients_of = self._gradients if self.jit_compile else self._gradients_of
+        nll_sum, grads = gradients_of(images, labels, global_n, seed, float(replicas))
         finite = tf.constant(True)
         if self.clip_norm is not None or self.loss_scale is not None:
             # Clipping and the overflow check need the whole batch's gradient, and Keras
@@ -383,9 +383,7 @@ class Trainer:
                     r.assign(w)
         step = self.eval_steps[weights]
         total, count = 0.0, 0.0
-        batches = iter(batches)
-        internals.undo_malloc_trim_patch()  # which a distributed dataset's iterator applied
-        for batch in batches:
+        for batch in passes.iterate(batches):
             if should_stop is not None and should_stop():
                 raise faults.SignalReceived("evaluation")
             s, n = step(batch)
